@@ -1,0 +1,37 @@
+"""``megatron-sl`` entry point: dispatches subcommands to their modules, imported lazily so
+``megatron-sl --help`` stays fast. Each subcommand module exposes ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("megatron_sl.cli.demo", "the embedded default: prepare data, train the tiny SL preset, report perplexity"),
+    "train": ("megatron_sl.cli.train", "train from a YAML config with key=value overrides"),
+    "prepare-data": ("megatron_sl.cli.prepare_data", "JSONL -> sentencepiece -> megatron indexed .bin/.idx"),
+    "presets": ("megatron_sl.cli.presets", "print each LLaMA preset's parameter counts"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: megatron-sl <command> [args]", "", "commands:"]
+    lines += [f"  {name:<14}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"megatron-sl: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The fixed random support: determinism across calls and processes, independence from the
+global RNG, uniformity, and the tensor-parallel shards that reassemble the global support."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_sl.core import support as sup
+
+
+def test_deterministic_across_calls_and_global_rng():
+    a = sup.global_support(50, 70, 0.05, seed=3, name="decoder.layers.0.mlp")
+    torch.manual_seed(999)
+    torch.rand(100)
+    b = sup.global_support(50, 70, 0.05, seed=3, name="decoder.layers.0.mlp")
+    assert torch.equal(a, b)
+    assert a.dtype == torch.int32
+    assert a.numel() == int(0.05 * 50 * 70)
+    assert torch.all(a[1:] > a[:-1]), "sorted and distinct"
+    assert int(a.min()) >= 0 and int(a.max()) < 50 * 70
+
+
+def test_same_across_processes():
+    code = ("from megatron_sl.core import support as s;"
+            "print(s.support_hash(s.global_support(64, 96, 0.03, 7, 'x.y'), (64, 96)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == sup.support_hash(sup.global_support(64, 96, 0.03, 7, "x.y"), (64, 96))
+
+
+def test_different_names_and_seeds_differ():
+    base = sup.global_support(64, 96, 0.03, 7, "a")
+    assert not torch.equal(base, sup.global_support(64, 96, 0.03, 7, "b"))
+    assert not torch.equal(base, sup.global_support(64, 96, 0.03, 8, "a"))
+
+
+@pytest.mark.parametrize("numel,k", [(20, 5), (200, 10)])  # randperm branch and sparse-draw branch
+def test_uniform_inclusion(numel, k):
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(numel)
+    draws = 3000
+    for _ in range(draws):
+        counts[sup.sample_uniform_subset(numel, k, g)] += 1
+    freq = counts / draws
+    expected = k / numel
+    sd = (expected * (1 - expected) / draws) ** 0.5
+    assert torch.all((freq - expected).abs() < 5 * sd), (freq.min(), freq.max(), expected)
+
+
+def test_row_shards_union_is_global():
+    out_f, in_f, tp = 30, 17, 3
+    idx = sup.global_support(out_f, in_f, 0.2, 1, "col")
+    seen = []
+    for r in range(tp):
+        rows = torch.arange(r * out_f // tp, (r + 1) * out_f // tp)
+        local, pos = sup.select_rows(idx, in_f, rows)
+        assert torch.all(local[1:] > local[:-1])
+        glob = rows[local.long() // in_f] * in_f + local.long() % in_f
+        assert torch.equal(glob, idx[pos].long())
+        seen.append(pos)
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(idx.numel()))
+
+
+def test_strided_row_selection_for_fused_layouts():
+    # rank 1 of 2 of a stride-2 [gate; up] matrix: rows 5..9 and 15..19 of 20
+    idx = sup.global_support(20, 9, 0.3, 1, "fc1")
+    rows = torch.cat([torch.arange(5, 10), torch.arange(15, 20)])
+    local, pos = sup.select_rows(idx, 9, rows)
+    dense = torch.zeros(20 * 9)
+    dense[idx.long()] = torch.arange(1, idx.numel() + 1, dtype=torch.float)
+    local_dense = torch.zeros(10 * 9)
+    local_dense[local.long()] = (pos + 1).float()
+    assert torch.equal(local_dense.view(10, 9), dense.view(20, 9)[rows])
+
+
+def test_column_shards_union_is_global():
+    out_f, in_f, tp = 11, 24, 4
+    idx = sup.global_support(out_f, in_f, 0.25, 2, "row")
+    dense = torch.zeros(out_f * in_f)
+    dense[idx.long()] = torch.arange(1, idx.numel() + 1, dtype=torch.float)
+    parts, seen = [], []
+    w = in_f // tp
+    for r in range(tp):
+        local, pos = sup.select_cols(idx, out_f, in_f, r * w, (r + 1) * w)
+        assert torch.all(local[1:] > local[:-1])
+        ld = torch.zeros(out_f * w)
+        ld[local.long()] = (pos + 1).float()
+        parts.append(ld.view(out_f, w))
+        seen.append(pos)
+    assert torch.equal(torch.cat(parts, dim=1), dense.view(out_f, in_f))
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(idx.numel()))
+
+
+def test_empty_support():
+    idx = sup.global_support(5, 5, 0.0, 0, "none")
+    assert idx.numel() == 0
+    local, pos = sup.select_rows(idx, 5, [0, 1])
+    assert local.numel() == 0 and pos.numel() == 0
