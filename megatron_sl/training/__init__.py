@@ -1,0 +1,1 @@
+"""training: DeepSpeed/megatron training loop, optimizers, data."""

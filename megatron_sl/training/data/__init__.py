@@ -1,0 +1,39 @@
+"""training.data: the data pipeline -- demo corpus fetch, sentencepiece tokenizer, JSONL -> megatron
+indexed ``.bin/.idx`` preparation, and megatron ``GPTDataset`` train/validation splits.
+
+Depends only on megatron-core's datasets, sentencepiece, numpy and torch (no model or parallel
+code). Public names are imported lazily so that argument checks and ``--help`` stay fast:
+
+* :func:`fetch_demo_corpus` (``corpus``): cached JSONL of real English prose from a registry package.
+* :class:`SentencePieceTokenizer`, :func:`train_bpe_tokenizer`, :func:`load_tokenizer` (``tokenizer``).
+* :func:`prepare_indexed_dataset`, :func:`prepare_demo_data`, :class:`PreparedData` (``preprocess``).
+* :func:`build_datasets` (``datasets``): ``(train, valid)`` GPTDatasets, multi-rank safe;
+  :func:`plan_datasets` runs all of its input checks without building (for launchers).
+* :class:`DataError` (``errors``): every user-facing data problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DataError": "errors",
+    "fetch_demo_corpus": "corpus",
+    "SentencePieceTokenizer": "tokenizer",
+    "train_bpe_tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "PreparedData": "preprocess",
+    "prepare_indexed_dataset": "preprocess",
+    "prepare_demo_data": "preprocess",
+    "build_datasets": "datasets",
+    "plan_datasets": "datasets",
+    "resolve_data_prefix": "datasets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
