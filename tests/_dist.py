@@ -4,10 +4,10 @@
 (``torch.multiprocessing`` fork context, so heavy imports done in the parent -- megatron-core takes
 ~10 s -- are inherited, not repeated). Each child gets MASTER_ADDR / MASTER_PORT (a free port),
 RANK, WORLD_SIZE, LOCAL_RANK and OMP_NUM_THREADS=1, calls ``init_process_group("gloo")``, runs
-``fn(rank, world_size, *args, **kwargs)`` and sends back either its (picklable) return value or
-its traceback. The parent returns the list of results by rank, and raises with every rank's
-traceback if any rank failed, died, exited non-zero or ran past ``timeout`` (then all ranks are
-killed). A failed port bind is retried on a new port.
+``fn(rank, world_size, *args, **kwargs)`` and sends back either its return value (plain pickle,
+so tensors are copied, not shared) or its traceback. The parent returns the list of results by
+rank, and raises with every rank's traceback if any rank failed, died, exited non-zero or ran past
+``timeout`` (then all ranks are killed). A failed port bind is retried on a new port.
 
 ``init_megatron(tp, pp=1, seed=1234)`` (call inside ``fn``) applies the CPU shims and initialises
 megatron's parallel_state and RNG tracker; ``gather_sharded`` reassembles a TP-sharded tensor
@@ -17,6 +17,7 @@ from megatron's partition attributes.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import sys
 import time
@@ -49,11 +50,12 @@ def _child(fn, rank, world_size, port, conn, timeout, args, kwargs):
                                 timeout=datetime.timedelta(seconds=timeout))
         result = fn(rank, world_size, *args, **kwargs)
         dist.barrier()  # nobody tears down the store while a peer still needs it
-        conn.send(("ok", result))
+        # plain pickle (not torch's shared-memory reductions, whose fds die with this process)
+        conn.send_bytes(pickle.dumps(("ok", result)))
         code = 0
     except BaseException:  # noqa: BLE001 -- everything goes back to the parent
         try:
-            conn.send(("error", traceback.format_exc()))
+            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
         except Exception:  # noqa: BLE001
             pass
     finally:
@@ -89,8 +91,8 @@ def _run_once(fn, world_size, args, kwargs, timeout):
         for c in wait(list(open_conns), timeout=limit - now):
             rank = open_conns.pop(c)
             try:
-                status, payload = c.recv()
-            except EOFError:
+                status, payload = pickle.loads(c.recv_bytes())
+            except (EOFError, OSError):
                 status, payload = "error", "process ended without reporting (crashed or killed)"
             if status == "ok":
                 results[rank] = payload

@@ -1,0 +1,34 @@
+"""megatron_sl.parallel: SL linears inside megatron-core with tensor (and sequence) parallelism.
+
+Owns everything that touches megatron-core's layers: the TP-sharded SL linears for the four
+linear slots (``layers``, built from per-matrix ``shard``s laid out by ``layout`` and named by
+``naming``), the sequence-parallel RMSNorm (``norm``), the LLaMA layer specs (``spec``), the model
+variants (``variants``) and the CPU shims megatron needs without CUDA (``cpu_shims``). Builds on
+``megatron_sl.core`` (and ``megatron_sl.kernels`` when present).
+
+Exports are resolved lazily, so importing a megatron-free submodule (``layout``, ``variants``)
+does not pay for importing megatron-core.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "SLColumnParallelLinear": "layers", "SLRowParallelLinear": "layers", "SLRMSNorm": "norm", "SLShard": "shard",
+    "get_gpt_layer_sl_spec": "spec", "get_gpt_decoder_block_sl_spec": "spec",
+    "VARIANTS": "variants", "variant_sl_config": "variants",
+    "apply_cpu_shims": "cpu_shims", "seed_model_parallel": "cpu_shims",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,109 @@
+"""The only place megatron-core is adapted to run without CUDA (CPU demo, CI); no-op on GPUs.
+
+megatron-core 0.16.1 assumes CUDA in three places on the paths we use (facts in
+shared/notes/megatron-cpu.md):
+
+* A. ``torch.cuda.current_device()`` picks the device of communication / activation buffers
+  (global memory buffer, sequence-parallel gathers, RoPE ``inv_freq``): made to return the CPU.
+* B. the RNG tracker stores CUDA generator states (``model_parallel_cuda_manual_seed`` and every
+  attention forward's ``fork()``): replaced by a tracker of CPU generator states, one stream per
+  name as on GPU (so tensor-parallel dropout still differs per TP rank).
+* C. the default causal mask (used when ``attention_mask=None``) is created with ``device="cuda"``:
+  replaced by a CPU one.
+
+``apply_cpu_shims()`` installs them once (idempotent) and does nothing when CUDA is available, so
+the same code runs the CPU demo and the GPU cluster. Activation recompute still needs CUDA RNG
+state functions and is not covered. ``seed_model_parallel(seed)`` seeds torch and megatron's
+tracker on either device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_APPLIED = False
+_TRACKER_CLS = None
+
+
+def _cpu_tracker_class():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """megatron's CudaRNGStatesTracker bookkeeping over CPU generator states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _install_cpu_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    global _TRACKER_CLS
+    if _TRACKER_CLS is None:
+        _TRACKER_CLS = _cpu_tracker_class()
+    if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, _TRACKER_CLS):
+        mrandom._CUDA_RNG_STATE_TRACKER = _TRACKER_CLS()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def apply_cpu_shims() -> bool:
+    """Install shims A, B, C when CUDA is absent; returns True if they are (now) active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    torch.cuda.current_device = lambda: torch.device("cpu")  # A
+    _install_cpu_tracker()  # B
+    from megatron.core.fusions import fused_softmax  # C
+    from megatron.core.transformer import utils as tutils
+
+    tutils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    _APPLIED = True
+    return True
+
+
+def seed_model_parallel(seed: int) -> None:
+    """Seed torch's default generator and megatron's RNG tracker (data / TP / expert streams).
+
+    Needs ``parallel_state`` to be initialised (the TP rank offsets the TP stream)."""
+    from megatron.core import tensor_parallel
+
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be a non-negative int")
+    torch.manual_seed(seed)
+    if apply_cpu_shims():
+        _install_cpu_tracker()  # in case someone re-initialised the tracker (force_reset)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
