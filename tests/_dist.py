@@ -147,22 +147,20 @@ def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
 def gather_sharded(t: torch.Tensor, param=None, group=None) -> torch.Tensor:
     """Reassemble the global tensor of a TP shard using megatron's attributes on ``param``
     (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``); replicated tensors are
-    returned as is. SL ``values`` shards with ``sl_global_positions`` are scattered back to their
-    global support positions."""
+    returned as is. SL ``values`` shards (``sl_global_index_fn``) are put in global support order
+    by sorting the gathered values by their global flat index."""
     param = t if param is None else param
     if not getattr(param, "tensor_model_parallel", False):
         return t
     if group is None:
         from megatron.core import parallel_state as ps
         group = ps.get_tensor_model_parallel_group()
-    positions = getattr(param, "sl_global_positions", None)
-    if positions is not None:
-        vals = all_gather_var(t.detach(), 0, group)
-        poss = all_gather_var(positions, 0, group)
-        out = torch.full((sum(v.numel() for v in vals),), float("nan"), dtype=t.dtype)
-        for v, p in zip(vals, poss):
-            out[p] = v
-        return out
+    index_fn = getattr(param, "sl_global_index_fn", None)
+    if index_fn is not None:
+        vals = torch.cat(all_gather_var(t.detach(), 0, group))
+        flat = torch.cat(all_gather_var(index_fn(), 0, group))
+        assert flat.unique().numel() == flat.numel(), "TP shards of one SL matrix overlap"
+        return vals[torch.argsort(flat)]
     d, s = param.partition_dim, param.partition_stride
     parts = all_gather_var(t.detach(), d, group)
     return torch.cat([parts[r].chunk(s, dim=d)[k] for k in range(s) for r in range(len(parts))], dim=d)

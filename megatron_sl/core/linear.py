@@ -30,6 +30,11 @@ def uniform_(t: torch.Tensor, bound: float, generator: torch.Generator) -> torch
     return t
 
 
+def values_init(unit_uniform: torch.Tensor, bound: float) -> torch.Tensor:
+    """Sparse values U(-bound, bound) from per-entry draws in [0, 1)."""
+    return unit_uniform.mul(2 * bound).sub_(bound)
+
+
 class SLLinear(nn.Module):
     """y = x Wᵀ + b with W = (alpha / rank)·B @ A + S, S on a fixed random support.
 
@@ -62,7 +67,8 @@ class SLLinear(nn.Module):
         self.seed, self.name, self.path = int(seed), str(name), path
         self.impl = impl or sl_linear
 
-        idx = sup.global_support(out_features, in_features, density, seed, name)
+        sample = sup.sample_support(out_features, in_features, density, seed, name)
+        idx = sample.idx.to(sup.index_dtype(out_features * in_features))
         self.register_buffer("idx", idx, persistent=False)
         self.layout = SupportLayout(self.idx, out_features, in_features)
         factory = {"dtype": dtype, "device": device}
@@ -70,7 +76,7 @@ class SLLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, in_features, **factory))
         self.values = nn.Parameter(torch.empty(idx.numel(), **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.reset_parameters()
+        self.reset_parameters(sample)
 
     @property
     def scale(self) -> float:
@@ -80,13 +86,18 @@ class SLLinear(nn.Module):
     def nnz(self) -> int:
         return self.values.numel()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, sample: Optional[sup.SupportSample] = None) -> None:
+        """B = 0; A and values U(±1/√in): A from the layer's init generator, each sparse value
+        from its support tile's generator (``support.sample_support``), so any shard of the
+        layer can be initialised identically without drawing the others."""
+        if sample is None:
+            sample = sup.sample_support(self.out_features, self.in_features, self.density, self.seed, self.name)
         g = init_generator(self.seed, self.name)
         bound = 1.0 / math.sqrt(self.in_features)
         with torch.no_grad():
             self.B.zero_()
+            self.values.copy_(values_init(sample.uniform, bound))
         uniform_(self.A, bound, g)
-        uniform_(self.values, bound, g)
         if self.bias is not None:
             uniform_(self.bias, 1.0 / math.sqrt(self.out_features), g)
 

@@ -1,9 +1,17 @@
 """The fixed random sparse support of an SL layer: sampling, compact storage, sharding, hashing.
 
 The support of an out x in weight is nnz = floor(density * out * in) distinct positions drawn
-uniformly without replacement over the whole matrix, from a generator seeded by
+uniformly without replacement over the whole matrix, from generators seeded by
 (global seed, layer name) -- never from the global RNG and never from construction order -- and
 stored sorted as flat row-major int32 indices (4 bytes per nnz; the research code uses int64).
+
+Sampling is tiled so a tensor-parallel rank only does the work of its own shard: the matrix is
+cut into TILE x TILE tiles; the number of support entries in each tile is drawn from the
+multivariate hypergeometric distribution (sequential conditional draws from numpy's legacy
+``RandomState``, whose stream is frozen), then each tile draws that many distinct positions
+uniformly from its own generator. Counts-then-uniform-within-tiles is exactly uniform over all
+nnz-subsets of the matrix. Each entry's init draw (``SupportSample.uniform``) comes from its
+tile's generator too, so a shard can initialise its sparse values without the global support.
 
 Tensor-parallel shards hold the part of the global support inside their row block
 (column-parallel) or column block (row-parallel), re-indexed locally; ``select_rows`` and
@@ -14,11 +22,13 @@ every TP size represents the same W.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 INT32_LIMIT = 2**31 - 1
+TILE = 1024  # part of the support's definition: changing it changes every support
 
 
 def nnz_for(out_features: int, in_features: int, density: float) -> int:
@@ -56,12 +66,80 @@ def sample_uniform_subset(numel: int, k: int, generator: torch.Generator) -> tor
     return pool[keep].sort().values
 
 
+class SupportSample(NamedTuple):
+    """Support entries (sorted global flat row-major int64 indices) and each entry's init draw in [0, 1)."""
+    idx: torch.Tensor
+    uniform: torch.Tensor
+
+
+def tile_counts(out_features: int, in_features: int, nnz: int, seed: int, name: str) -> list:
+    """Number of support entries in each TILE x TILE tile (row-major tile order): a multivariate
+    hypergeometric draw, done as sequential conditional hypergeometric draws."""
+    s = derive_seed(seed, name, "tile-counts")
+    rs = np.random.RandomState(np.array([s & 0xFFFFFFFF, s >> 32], dtype=np.uint32))
+    remaining_cells, remaining_nnz, counts = out_features * in_features, nnz, []
+    for r0 in range(0, out_features, TILE):
+        for c0 in range(0, in_features, TILE):
+            cells = (min(r0 + TILE, out_features) - r0) * (min(c0 + TILE, in_features) - c0)
+            if remaining_nnz == 0:
+                c = 0
+            elif cells == remaining_cells:
+                c = remaining_nnz
+            else:
+                c = int(rs.hypergeometric(cells, remaining_cells - cells, remaining_nnz))
+            counts.append(c)
+            remaining_cells -= cells
+            remaining_nnz -= c
+    return counts
+
+
+def sample_support(out_features: int, in_features: int, density: float, seed: int, name: str,
+                   rows: Optional[Sequence[int] | torch.Tensor] = None,
+                   cols: Optional[Tuple[int, int]] = None) -> SupportSample:
+    """The layer's support entries, optionally only those in the given global ``rows`` and/or
+    columns [cols[0], cols[1]); only the tiles that intersect them are generated."""
+    numel = out_features * in_features
+    counts = tile_counts(out_features, in_features, nnz_for(out_features, in_features, density), seed, name)
+    n_tc = -(-in_features // TILE)
+    row_mask = None
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        row_mask = torch.zeros(out_features, dtype=torch.bool)
+        row_mask[rows] = True
+        tile_rows = torch.unique(rows // TILE).tolist()
+    else:
+        tile_rows = range(-(-out_features // TILE))
+    c_lo, c_hi = (0, in_features) if cols is None else (int(cols[0]), int(cols[1]))
+    idx_parts, u_parts = [], []
+    for tr in tile_rows:
+        for tc in range(c_lo // TILE, -(-c_hi // TILE)):
+            t = tr * n_tc + tc
+            if counts[t] == 0:
+                continue
+            r0, c0 = tr * TILE, tc * TILE
+            width = min(c0 + TILE, in_features) - c0
+            cells = (min(r0 + TILE, out_features) - r0) * width
+            g = torch.Generator().manual_seed(derive_seed(seed, name, f"tile/{t}"))
+            local = sample_uniform_subset(cells, counts[t], g)
+            u = torch.rand(counts[t], generator=g)
+            r, c = r0 + local // width, c0 + local % width
+            keep = (c >= c_lo) & (c < c_hi)
+            if row_mask is not None:
+                keep &= row_mask[r]
+            idx_parts.append((r * in_features + c)[keep])
+            u_parts.append(u[keep])
+    if not idx_parts:
+        return SupportSample(torch.empty(0, dtype=torch.int64), torch.empty(0))
+    idx, u = torch.cat(idx_parts), torch.cat(u_parts)
+    order = torch.argsort(idx)
+    assert idx.numel() <= numel
+    return SupportSample(idx[order], u[order])
+
+
 def global_support(out_features: int, in_features: int, density: float, seed: int, name: str) -> torch.Tensor:
     """The layer's global support: sorted flat row-major indices, int32 when they fit."""
-    numel = out_features * in_features
-    g = torch.Generator().manual_seed(derive_seed(seed, name))
-    idx = sample_uniform_subset(numel, nnz_for(out_features, in_features, density), g)
-    return idx.to(index_dtype(numel))
+    idx = sample_support(out_features, in_features, density, seed, name).idx
+    return idx.to(index_dtype(out_features * in_features))
 
 
 def support_hash(idx: torch.Tensor, shape: Tuple[int, int]) -> str:

@@ -7,11 +7,12 @@ Owns the sharding rule of a single factorised matrix ("part": q, k, v, o, gate, 
 * column shard (row-parallel layers): the rank keeps columns [c0, c1) of W, i.e. those columns
   of A and of S; B is replicated.
 
-The global support is ``global_support(out, in, density, seed, name)`` and the shard's support is
-its slice (``select_rows`` / ``select_cols``). A and the sparse values are drawn in full from the
-part's own generator ``init_generator(seed, name)`` (A first, then the values, as in
-``megatron_sl.core.SLLinear``) and then sliced, B starts at zero; so every TP size holds the same
-W, and at TP=1 a part equals ``SLLinear(in, out, ..., seed=seed, name=name)``.
+The shard's support is the part of the global support inside its rows or columns, sampled with
+``core.support.sample_support(..., rows=/cols=)`` which generates only the support tiles the
+shard touches (a 7B rank does not draw the whole matrix). A is drawn in full from the part's
+generator ``init_generator(seed, name)`` and sliced; each sparse value comes from its support
+tile's per-entry draw; B starts at zero. So every TP size holds the same W, and at TP=1 a part
+equals ``SLLinear(in, out, ..., seed=seed, name=name)``.
 
 Tensor-parallel attributes (read by megatron's grad-norm / DeepSpeed's ``is_model_parallel_parameter``):
 the sharded factor (B of a row shard: partition_dim 0; A of a column shard: partition_dim 1) and
@@ -19,8 +20,10 @@ the 1-D ``values`` (partition_dim 0) are tagged ``tensor_model_parallel``; the r
 carries no tag (its gradient is summed over TP inside ``sl_linear``; see ``layers``). For megatron's
 layouts, concatenating a part's ``values`` over ranks in rank order gives the global support order
 for row shards (each rank holds a contiguous block of the part's rows); for column shards it does
-not, so every ``values`` parameter carries ``sl_global_positions`` (local entry k is global support
-entry positions[k]) for gather harnesses. TP=1 layers are tagged too (as megatron does).
+not, so every ``values`` parameter carries ``sl_global_index_fn``, a function returning the global
+flat row-major index of each local entry (sorting gathered values by it gives the global support
+order) -- a function, so no extra index bytes stay resident. TP=1 layers are tagged too (as
+megatron does).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import nn
 from megatron_sl.core import support as sup
 from megatron_sl.core.config import SLConfig, validate_shape
 from megatron_sl.core.functional import SupportLayout
-from megatron_sl.core.linear import init_generator, uniform_
+from megatron_sl.core.linear import init_generator, uniform_, values_init
 
 
 def _tag(param: nn.Parameter, dim: int) -> None:
@@ -71,17 +74,14 @@ class SLShard(nn.Module):
         self.rank, self.density, self.seed = sl_config.rank, sl_config.density, sl_config.seed
         r = sl_config.rank
 
-        idx = sup.global_support(out_features, in_features, sl_config.density, sl_config.seed, name)
-        self.global_nnz = idx.numel()
-        self.global_hash = sup.support_hash(idx, self.global_shape)
-        gen = init_generator(sl_config.seed, name)
+        self.global_nnz = sup.nnz_for(out_features, in_features, sl_config.density)
         bound = 1.0 / math.sqrt(in_features)
-        A_full = uniform_(torch.empty(r, in_features), bound, gen)
-        values_full = uniform_(torch.empty(self.global_nnz), bound, gen)
+        A_full = uniform_(torch.empty(r, in_features), bound, init_generator(sl_config.seed, name))
 
         if rows is not None:
             rows = torch.as_tensor(rows, dtype=torch.int64)
-            local_idx, pos = sup.select_rows(idx, in_features, rows)
+            sample = sup.sample_support(out_features, in_features, sl_config.density, sl_config.seed, name, rows=rows)
+            local_idx, pos = sup.select_rows(sample.idx, in_features, rows)
             shape = (rows.numel(), in_features)
             A_local = A_full
             self.rows, self.cols = rows, None
@@ -90,24 +90,36 @@ class SLShard(nn.Module):
             c0, c1 = int(cols[0]), int(cols[1])
             if not 0 <= c0 < c1 <= in_features:
                 raise ValueError(f"column shard {cols} out of range for {name!r} with {in_features} columns")
-            local_idx, pos = sup.select_cols(idx, out_features, in_features, c0, c1)
+            sample = sup.sample_support(out_features, in_features, sl_config.density, sl_config.seed, name,
+                                        cols=(c0, c1))
+            local_idx, pos = sup.select_cols(sample.idx, out_features, in_features, c0, c1)
             shape = (out_features, c1 - c0)
             A_local = A_full[:, c0:c1]
             self.rows, self.cols = None, (c0, c1)
             self.shard = ("cols", c0, c1)
         self.local_shape = shape
         self.layout = SupportLayout(local_idx, *shape)
+        self.index_hash = sup.support_hash(local_idx, shape)
 
         f = {"dtype": dtype, "device": device}
         self.B = nn.Parameter(torch.zeros(shape[0], r, **f))
         self.A = nn.Parameter(A_local.to(**f).contiguous())
-        self.values = nn.Parameter(values_full[pos].to(**f))
-        self.values.sl_global_positions = pos
+        self.values = nn.Parameter(values_init(sample.uniform[pos], bound).to(**f))
+        self.values.sl_global_index_fn = self.global_flat_index
         if rows is not None:
             _tag(self.B, 0)
         else:
             _tag(self.A, 1)
         _tag(self.values, 0)
+
+    def global_flat_index(self) -> torch.Tensor:
+        """Global flat row-major index (int64) of each local support entry, in local order."""
+        local = self.layout.idx.to(torch.int64)
+        width = self.local_shape[1]
+        r, c = local // width, local % width
+        if self.rows is not None:
+            return self.rows[r] * self.global_shape[1] + c
+        return r * self.global_shape[1] + c + self.cols[0]
 
     @property
     def nnz(self) -> int:
@@ -122,7 +134,7 @@ class SLShard(nn.Module):
 
     def get_extra_state(self):
         return {"name": self.name, "shape": list(self.global_shape), "density": self.density, "seed": self.seed,
-                "rank": self.rank, "global_nnz": self.global_nnz, "index_hash": self.global_hash,
+                "rank": self.rank, "global_nnz": self.global_nnz, "index_hash": self.index_hash,
                 "shard": list(self.shard)}
 
     def set_extra_state(self, state):

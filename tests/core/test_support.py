@@ -97,3 +97,37 @@ def test_empty_support():
     assert idx.numel() == 0
     local, pos = sup.select_rows(idx, 5, [0, 1])
     assert local.numel() == 0 and pos.numel() == 0
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(sup, "TILE", 4)
+
+
+def test_tile_counts_sum_to_nnz(small_tiles):
+    counts = sup.tile_counts(10, 9, 37, seed=1, name="t")
+    assert len(counts) == 3 * 3 and sum(counts) == 37
+    assert all(0 <= c <= 16 for c in counts)
+
+
+def test_restricted_samples_equal_the_full_sample(small_tiles):
+    full = sup.sample_support(11, 10, 0.3, 4, "shard")
+    assert full.idx.numel() == int(0.3 * 11 * 10)
+    rows = torch.tensor([0, 5, 6, 7, 10])
+    part = sup.sample_support(11, 10, 0.3, 4, "shard", rows=rows)
+    keep = torch.isin(full.idx // 10, rows)
+    assert torch.equal(part.idx, full.idx[keep]) and torch.equal(part.uniform, full.uniform[keep])
+    part = sup.sample_support(11, 10, 0.3, 4, "shard", cols=(3, 7))
+    keep = (full.idx % 10 >= 3) & (full.idx % 10 < 7)
+    assert torch.equal(part.idx, full.idx[keep]) and torch.equal(part.uniform, full.uniform[keep])
+
+
+def test_uniform_inclusion_across_tiles(small_tiles):
+    # 6x7 matrix -> 4 tiles of different sizes; every cell must be included with probability k/numel
+    numel, k, draws = 42, 9, 3000
+    counts = torch.zeros(numel)
+    for s in range(draws):
+        counts[sup.sample_support(6, 7, k / numel + 1e-9, s, "u").idx] += 1
+    freq, expected = counts / draws, k / numel
+    sd = (expected * (1 - expected) / draws) ** 0.5
+    assert torch.all((freq - expected).abs() < 5 * sd), (freq.min(), freq.max(), expected)
