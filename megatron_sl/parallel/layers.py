@@ -52,12 +52,7 @@ from .layout import glu_layout, local_rows, qkv_layout, single_layout
 from .naming import resolve_layer_name
 from .shard import SLShard
 
-try:  # kernel-dispatching op when megatron_sl.kernels is installed, else the pure-torch reference
-    from megatron_sl.kernels import sl_linear
-except ModuleNotFoundError as _e:  # only a missing kernels package falls back; its own errors surface
-    if _e.name != "megatron_sl.kernels":
-        raise
-    from megatron_sl.core.functional import sl_linear
+from megatron_sl.kernels import sl_linear  # core's op with the kernel-dispatching primitives installed
 
 SINGLE_PART_NAMES = {"proj": "o", "fc1": "up", "fc2": "down"}
 
