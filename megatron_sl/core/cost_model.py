@@ -8,10 +8,13 @@ Two exact paths compute y = x (s·B A + S)^T:
   layer is at least 1 + 4r/(3T) -- 1.33 at r=128, T=512.
 * ``factored``: never form W: y = s·(x Aᵀ) Bᵀ + x Sᵀ; backward uses the low-rank chain, an SpMM
   with Sᵀ and an SDDMM for the values. GEMM FLOPs: 8·T·n·r + 6·T·m·r (x Aᵀ is recomputed in
-  backward, not saved), plus 6·T·nnz sparse FLOPs that run at a fraction ``rho`` of GEMM
-  efficiency.
+  backward, not saved), plus the two SpMMs (4·T·nnz sparse FLOPs at a fraction ``rho`` of GEMM
+  efficiency) and the SDDMM: on CPU torch's ``sampled_addmm`` (2·T·nnz at ``rho``); on CUDA the
+  Triton tiled SDDMM does the tensor-core GEMM of every tile that holds a support entry, i.e.
+  about a dense dYᵀX (2·T·m·n).
 
-cost(dense) = 6Tmn + 8mnr;  cost(factored) = 8Tnr + 6Tmr + 6·T·nnz / rho.
+cost(dense) = 6Tmn + 8mnr
+cost(factored) = 8Tnr + 6Tmr + 4·T·nnz/rho + (2·T·nnz/rho on CPU | 2·T·m·n on CUDA).
 The factored path wins when r(m+n) is well below m·n and sparse kernels are not too slow:
 ``rho`` was measured on this project's CPU machines at 0.12-0.18 (CSR SpMM ≈ 24% and
 ``sampled_addmm`` ≈ 17% of the dense GEMM time at 3% density, 1 thread). On GPUs, unstructured
@@ -37,15 +40,17 @@ def sparse_efficiency(device_type: str) -> float:
     return DEFAULT_RHO.get(device_type, DEFAULT_RHO["cuda"])
 
 
-def path_costs(tokens: int, out_features: int, in_features: int, rank: int, nnz: int, rho: float):
+def path_costs(tokens: int, out_features: int, in_features: int, rank: int, nnz: int, rho: float,
+               device_type: str = "cpu"):
     """GEMM-equivalent FLOPs of forward + backward for both paths."""
     t, m, n, r = tokens, out_features, in_features, rank
     dense = 6 * t * m * n + 8 * m * n * r
-    factored = 8 * t * n * r + 6 * t * m * r + 6 * t * nnz / rho
+    sddmm = 2 * t * nnz / rho if device_type == "cpu" else (2 * t * m * n if nnz else 0)
+    factored = 8 * t * n * r + 6 * t * m * r + 4 * t * nnz / rho + sddmm
     return {"dense": dense, "factored": factored}
 
 
 def choose_path(tokens: int, out_features: int, in_features: int, rank: int, nnz: int,
                 device_type: str = "cpu") -> str:
-    costs = path_costs(tokens, out_features, in_features, rank, nnz, sparse_efficiency(device_type))
+    costs = path_costs(tokens, out_features, in_features, rank, nnz, sparse_efficiency(device_type), device_type)
     return "factored" if costs["factored"] < costs["dense"] else "dense"

@@ -4,7 +4,7 @@ Owns everything that touches megatron-core's layers: the TP-sharded SL linears f
 linear slots (``layers``, built from per-matrix ``shard``s laid out by ``layout`` and named by
 ``naming``), the sequence-parallel RMSNorm (``norm``), the LLaMA layer specs (``spec``), the model
 variants (``variants``) and the CPU shims megatron needs without CUDA (``cpu_shims``). Builds on
-``megatron_sl.core`` (and ``megatron_sl.kernels`` when present).
+``megatron_sl.core`` and ``megatron_sl.kernels``.
 
 Exports are resolved lazily, so importing a megatron-free submodule (``layout``, ``variants``)
 does not pay for importing megatron-core.
