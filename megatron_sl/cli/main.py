@@ -20,8 +20,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def strip_launcher_args(argv: list) -> list:
+    """Drop ``--local_rank=N`` / ``--local-rank N``, which the ``deepspeed`` launcher appends to
+    every rank's argv (the rank comes from the LOCAL_RANK environment variable instead)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not a.startswith(("--local_rank=", "--local-rank=")):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -1,1 +1,16 @@
-"""training: DeepSpeed/megatron training loop, optimizers, data."""
+"""training: DeepSpeed/megatron training loop, optimizers, data.
+
+Modules (imported lazily by their users; this package imports nothing itself):
+
+* ``config`` -- the typed training config (YAML + ``section.key=value`` overrides), the one source of
+  truth for every setting; ``validate`` -- checks against world size / preset / files and the
+  derived ``Plan``; ``ds_config`` -- the DeepSpeed JSON rendered from it;
+* ``distributed`` -- launcher environment, process groups, megatron parallel_state, CPU shims;
+  ``mpu`` -- the DeepSpeed ``mpu`` adapter over megatron's groups; ``launch`` -- torchrun from the CLI;
+* ``optim`` -- param groups (TP-sharded / replicated / no-decay), AdamW / 8-bit AdamW, state bytes;
+  ``schedule`` -- warmup + cosine; ``grads`` -- TP-aware global norm and clipping;
+* ``ds_engine`` -- DeepSpeed ZeRO 0-3 engine; ``per_layer`` -- optimizer-in-backward updates;
+* ``batches`` -- sample order, batching, masked loss; ``checks`` -- cross-rank consistency;
+  ``metrics`` -- metrics JSONL and progress bar; ``trainer`` -- the run of one rank;
+* ``data`` -- corpus, tokenizer, ``prepare-data`` and megatron GPTDatasets.
+"""

@@ -1,0 +1,89 @@
+"""``megatron-sl train --config CONFIG.yaml [section.key=value ...]``.
+
+Outside a launcher: validate the config for ``launch.nproc_per_node`` ranks (exit 2 with one
+message naming the bad key/value, nothing written, no rank started), then start the ranks with
+torchrun. Inside a launcher (torchrun, ``deepspeed``, srun, mpirun): validate again for the
+launcher's world size, then train this rank. ``--check`` validates and prints the plan only;
+``--dry-run`` builds the sharded model on every rank and prints per-rank parameter and memory
+figures without training. Exit codes: 0 done, 2 bad config, 75 (EX_TEMPFAIL) stopped by
+SIGUSR1/SIGTERM after committing a checkpoint (rerun the same command to resume).
+The ``deepspeed`` launcher's ``--local_rank=N`` argument is accepted and ignored (LOCAL_RANK is in
+the environment).
+
+  megatron-sl train --config configs/tiny_sl.yaml launch.nproc_per_node=2     # starts torchrun itself
+  torchrun --nproc_per_node 8 -m megatron_sl.cli.train --config C.yaml        # an external launcher:
+  deepspeed --num_gpus 8 --module megatron_sl.cli.train --config C.yaml       #   world size from it
+  srun --ntasks-per-node 8 python -m megatron_sl.cli.train --config C.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_sl.training.config import ConfigError, load_config
+from megatron_sl.training.distributed import in_launcher, rank_env
+from megatron_sl.training.validate import make_plan
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-sl train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="training config YAML (configs/*.yaml); defaults if omitted")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, values parsed as YAML")
+    p.add_argument("--check", action="store_true", help="validate the config and print the plan; do not train")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the sharded model on every rank, print per-rank parameter/memory figures; no training")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def describe(plan) -> str:
+    slc = plan.sl_config
+    sl = f"rank {slc.rank}, density {slc.density}, alpha {slc.alpha}" if slc is not None else "dense"
+    return (f"world {plan.world_size} = TP {plan.tp} x DP {plan.dp}; micro {plan.micro_batch_size} x GA "
+            f"{plan.grad_accum} x DP {plan.dp} = global {plan.global_batch_size}; seq {plan.seq_length}; "
+            f"vocab {plan.vocab_size} (tokenizer {plan.tokenizer_vocab_size}); SL: {sl}; warmup {plan.warmup_iters}; "
+            f"DeepSpeed template: {plan.ds_template or 'none (per-layer updates)'}")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    launched = in_launcher()
+    rank = rank_env().rank if launched else 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = rank_env().world_size if launched else cfg.launch.nproc_per_node
+        plan = make_plan(cfg, world)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"megatron-sl train: error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if rank == 0:
+            print(f"config OK: {describe(plan)}")
+        return 0
+    if not launched:
+        from megatron_sl.training.launch import run_local_ranks
+
+        extra = ["--dry-run"] if args.dry_run else []
+        return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *args.overrides],
+                               cfg.launch.master_port)
+    from megatron_sl.training.distributed import silence_known_warnings
+
+    silence_known_warnings()
+    if args.dry_run:
+        from megatron_sl.training.dry_run import dry_run
+
+        dry_run(cfg, plan)
+        return 0
+    from megatron_sl.training.preemption import EXIT_PREEMPTED
+    from megatron_sl.training.trainer import train
+
+    return EXIT_PREEMPTED if train(cfg, plan).get("preempted") else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

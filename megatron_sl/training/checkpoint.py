@@ -1,0 +1,665 @@
+"""Crash-safe training checkpoints: atomic saves, verified resume, keep-last-K.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    latest                      text file naming the resume point ("step_00000120\\n"), replaced last
+    step_00000120/
+        engine/...              this rank's engine files (DeepSpeed: ``engine/ds/*`` model + ZeRO shards)
+        ranks/rank_00003.pt     per-rank state: RNG states and the SL support metadata of its shards
+        client_state.pt         written by rank 0: step, consumed samples, resolved config, ...
+        manifest.json           written LAST: every file above with its size and checksum
+    .tmp-step_00000140/         a save in progress (ignored by resume, removed by the next save)
+
+A save (all ranks call ``CheckpointManager.save``; ``run_dir`` must be on a filesystem every rank
+sees, the usual shared FS of a cluster — checked on every save):
+
+1. rank 0 creates ``.tmp-step_N`` (removing a stale one); barrier; every rank checks it sees it.
+2. every rank writes its engine files and ``ranks/rank_R.pt``; rank 0 writes ``client_state.pt``.
+3. barrier; rank 0 lists the files; each rank fsyncs and checksums an interleaved share of them
+   (so hashing a 7B checkpoint is spread over the ranks); the results are gathered on rank 0.
+4. rank 0 writes ``manifest.json``, fsyncs it and every directory of the tree, renames the temp dir
+   to ``step_N`` and fsyncs ``checkpoints/``; then writes ``latest`` atomically (temp file, fsync,
+   ``os.replace``, fsync of the directory) and prunes to the newest ``keep_last`` checkpoints.
+5. barrier, so no rank exits (e.g. with code 75 after a preemption signal) before the commit.
+
+A crash anywhere before the rename leaves only a ``.tmp-*`` directory and ``latest`` unchanged;
+between the rename and the pointer update it leaves a complete, verifiable ``step_N`` that resume
+picks up (it is the newest complete checkpoint).
+
+Resume (``find_resumable``): candidates are the ``step_*`` directories, newest first. Each is
+verified against its manifest (every file present, same size, same checksum — hashing again split
+over the ranks); the first good one is returned and all ranks agree on it. A bad one yields a
+``CheckpointWarning`` naming the checkpoint and the bad file, then the previous one is tried. If
+checkpoints exist but none verifies, ``CheckpointError`` is raised: a run never silently starts from
+scratch over existing checkpoints. Only an empty ``checkpoints/`` (or one holding just an
+interrupted first save) means "start fresh".
+
+Engine state goes through a small adapter: ``DeepSpeedState`` (``engine.save_checkpoint`` /
+``load_checkpoint`` into ``engine/``: module, ZeRO optimizer shards, LR scheduler), ``TorchState``
+(state dicts of plain objects, one file per rank) or any object with ``save_state(dir)`` /
+``load_state(dir)`` methods (``as_state_io`` picks). The pure file logic needs no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT = "megatron-sl-checkpoint/1"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+CLIENT_STATE = "client_state.pt"
+ENGINE_DIR = "engine"
+RANKS_DIR = "ranks"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+STEP_RE = re.compile(r"^step_(\d{8,})$")
+HASHES = ("sha256", "crc32")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or none can be resumed; the message names the file."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (corrupt, truncated, incomplete); an older one is used."""
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint directory and its manifest."""
+
+    path: Path
+    step: int
+    manifest: dict
+
+
+# --------------------------------------------------------------------------------------------
+# communication: torch.distributed when initialised, else a single process
+# --------------------------------------------------------------------------------------------
+class _Comm:
+    def __init__(self, group=None):
+        self.group = group
+        self.on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if self.on else 0
+        self.world = dist.get_world_size(group) if self.on else 1
+
+    def barrier(self) -> None:
+        if self.on and self.world > 1:
+            dist.barrier(group=self.group)
+
+    def all_gather(self, obj) -> list:
+        if not self.on or self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj):
+        """rank 0's ``obj`` on every rank."""
+        if not self.on or self.world == 1:
+            return obj
+        box = [obj]
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+
+# --------------------------------------------------------------------------------------------
+# durable file helpers
+# --------------------------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync the file (not atomic; used inside the temp dir)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_durable(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` by a file holding ``data``: temp file, fsync, os.replace, fsync dir."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_durable(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def torch_save_durable(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def file_checksum(path: Path, algo: str, fsync: bool = False) -> str:
+    """Checksum of a file's bytes (``sha256`` hex or ``crc32`` as 8 hex digits); optionally fsync it."""
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        if algo == "sha256":
+            h = hashlib.sha256()
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+            return h.hexdigest()
+        if algo == "crc32":
+            c = 0
+            while chunk := f.read(_CHUNK):
+                c = zlib.crc32(chunk, c)
+            return f"{c:08x}"
+    raise ValueError(f"unknown checksum {algo!r}; expected one of {HASHES}")
+
+
+def _list_files(root: Path) -> List[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state and SL support metadata (per rank)
+# --------------------------------------------------------------------------------------------
+def _megatron_tracker():
+    mrandom = sys.modules.get("megatron.core.tensor_parallel.random")
+    if mrandom is None:  # megatron never imported here: its tracker cannot hold state
+        return None
+    if not getattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False):
+        return None
+    return mrandom.get_cuda_rng_tracker()
+
+
+def capture_rng_state() -> dict:
+    """This process's RNG streams, as tensors and plain lists (loadable with ``weights_only``):
+    python ``random``, numpy's global generator, torch CPU, every CUDA device (if CUDA is in use)
+    and megatron's model-parallel RNG tracker (if initialised)."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    tracker = _megatron_tracker()
+    if tracker is not None:
+        tstates = {}
+        for name, st in tracker.get_states().items():
+            if isinstance(st, torch.Generator):
+                st = st.get_state()
+            tstates[name] = st.clone()
+        state["megatron_tracker"] = tstates
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of ``capture_rng_state``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        if not torch.cuda.is_available():
+            raise CheckpointError("checkpoint holds CUDA RNG states but this process has no CUDA device")
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "megatron_tracker" in state:
+        tracker = _megatron_tracker()
+        if tracker is None:
+            raise CheckpointError("checkpoint holds megatron RNG tracker states but the tracker is not "
+                                  "initialised in this process (initialise model parallel first)")
+        current = tracker.get_states()
+        if set(current) != set(state["megatron_tracker"]):
+            raise CheckpointError(f"megatron RNG tracker streams differ: checkpoint {sorted(state['megatron_tracker'])} "
+                                  f"vs this process {sorted(current)}")
+        new = {}
+        for name, st in state["megatron_tracker"].items():
+            if isinstance(current[name], torch.Generator):
+                gen = current[name]
+                gen.set_state(st)
+                new[name] = gen
+            else:
+                new[name] = st.clone()
+        tracker.set_states(new)
+
+
+def sl_support_metadata(model: Optional[torch.nn.Module]) -> Dict[str, dict]:
+    """``{module name: get_extra_state()}`` of every SL layer in ``model`` (the layers whose extra
+    state carries an ``index_hash``): seed, density, shapes, index hash, TP shard."""
+    if model is None:
+        return {}
+    out = {}
+    for name, mod in model.named_modules():
+        get = getattr(type(mod), "get_extra_state", None)
+        if get is None or get is torch.nn.Module.get_extra_state:
+            continue
+        meta = mod.get_extra_state()
+        if isinstance(meta, dict) and "index_hash" in meta:
+            out[name] = meta
+    return out
+
+
+def check_sl_support(model: Optional[torch.nn.Module], saved: Dict[str, dict], where: str) -> None:
+    """Raise ``CheckpointError`` if the model's SL layers differ from the checkpoint's (a different
+    seed, density, shape, TP layout or support index), naming the first differing layer."""
+    if model is None:
+        return
+    mine = sl_support_metadata(model)
+    if set(mine) != set(saved):
+        only_ckpt, only_model = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
+        raise CheckpointError(f"{where}: SL layers differ from the model: only in the checkpoint {only_ckpt[:5]}, "
+                              f"only in the model {only_model[:5]}")
+    for name in sorted(mine):
+        if mine[name] != saved[name]:
+            diff = sorted(k for k in set(mine[name]) | set(saved[name]) if mine[name].get(k) != saved[name].get(k))
+            raise CheckpointError(f"{where}: SL support metadata of layer {name!r} differs in {diff}: "
+                                  f"checkpoint {saved[name]} vs model {mine[name]}")
+
+
+# --------------------------------------------------------------------------------------------
+# engine adapters
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StateFns:
+    """Two callables: ``save(directory)`` writes this rank's engine files, ``load(directory)`` reads them."""
+
+    save: Callable[[Path], None]
+    load: Callable[[Path], None]
+    module: Optional[torch.nn.Module] = None
+
+    def save_state(self, directory: Path) -> None:
+        self.save(directory)
+
+    def load_state(self, directory: Path) -> None:
+        self.load(directory)
+
+
+class DeepSpeedState:
+    """A DeepSpeed engine: ``save_checkpoint`` (model states, ZeRO shards of every rank, LR scheduler)
+    into ``<dir>/ds`` without DeepSpeed's own ``latest`` file; ``load_checkpoint`` with optimizer
+    and scheduler states."""
+
+    TAG = "ds"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = getattr(engine, "module", None)
+
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={}, save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory}/{self.TAG}")
+
+
+class TorchState:
+    """Plain objects with ``state_dict``/``load_state_dict`` (model, optimizer, scheduler, ...):
+    each rank writes ``rank_XXXXX.pt`` holding all of them."""
+
+    def __init__(self, module: Optional[torch.nn.Module] = None, **objects):
+        self.module = module
+        self.objects = dict(objects)
+        if module is not None:
+            self.objects = {"module": module, **self.objects}
+
+    @staticmethod
+    def _rank() -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def save_state(self, directory: Path) -> None:
+        states = {k: v.state_dict() for k, v in self.objects.items()}
+        torch_save_durable(states, directory / f"rank_{self._rank():05d}.pt")
+
+    def load_state(self, directory: Path) -> None:
+        path = directory / f"rank_{self._rank():05d}.pt"
+        states = torch.load(path, map_location="cpu", weights_only=False)
+        missing = sorted(set(self.objects) - set(states))
+        if missing:
+            raise CheckpointError(f"{path}: no state for {missing}")
+        for k, v in self.objects.items():
+            v.load_state_dict(states[k])
+
+
+def as_state_io(obj):
+    """The engine adapter for ``obj``: itself if it has ``save_state``/``load_state``; a DeepSpeed
+    engine (or a wrapper exposing one as ``.engine``) -> ``DeepSpeedState``."""
+    if hasattr(obj, "save_state") and hasattr(obj, "load_state"):
+        return obj
+    for cand in (obj, getattr(obj, "engine", None)):
+        if cand is not None and hasattr(cand, "save_checkpoint") and hasattr(cand, "load_checkpoint") \
+                and hasattr(cand, "zero_optimization_stage"):
+            return DeepSpeedState(cand)
+    raise TypeError(f"cannot checkpoint {type(obj).__name__}: expected a DeepSpeed engine, an object with "
+                    f"save_state(dir)/load_state(dir), StateFns or TorchState")
+
+
+# --------------------------------------------------------------------------------------------
+# the manager
+# --------------------------------------------------------------------------------------------
+class CheckpointManager:
+    """Saves and resumes ``<run_dir>/checkpoints/step_XXXXXXXX`` (see the module docstring).
+
+    ``keep_last``: number of newest complete checkpoints kept (>= 1). ``checksum``: "sha256" or
+    "crc32". ``verify``: "checksum" (re-hash on resume) or "size" (sizes only, for huge runs where
+    re-reading every shard costs too much). ``group``: the process group of all ranks (default: world).
+    Every rank must call ``save``/``find_resumable``/``load`` collectively.
+    """
+
+    def __init__(self, run_dir, keep_last: int = 3, *, checksum: str = "sha256", verify: str = "checksum",
+                 group=None):
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(f"keep_last={keep_last!r} must be an integer >= 1")
+        if checksum not in HASHES:
+            raise ValueError(f"checksum={checksum!r} must be one of {HASHES}")
+        if verify not in ("checksum", "size"):
+            raise ValueError(f"verify={verify!r} must be 'checksum' or 'size'")
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+        self.checksum = checksum
+        self.verify = verify
+        self.group = group
+
+    # test hook: called between the phases of a save; tests make it raise to simulate a crash
+    def _fault(self, stage: str) -> None:
+        return None
+
+    # -- listing ---------------------------------------------------------------------------
+    def step_dirs(self) -> List[Path]:
+        """``step_*`` directories, newest step first (complete or not)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def read_latest(self) -> Optional[str]:
+        """The directory name in ``latest`` (None if there is no pointer)."""
+        p = self.root / LATEST
+        if not p.exists():
+            return None
+        try:
+            return p.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            return f"<unreadable: {e}>"
+
+    def complete(self) -> List[CheckpointInfo]:
+        """Committed checkpoints (a parseable manifest), newest first; files are not re-hashed."""
+        out = []
+        for p in self.step_dirs():
+            try:
+                out.append(self._read_manifest(p))
+            except CheckpointError:
+                continue
+        return out
+
+    def _read_manifest(self, path: Path) -> CheckpointInfo:
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise CheckpointError(f"checkpoint {path} has no {MANIFEST} (an incomplete or foreign directory)")
+        try:
+            manifest = json.loads(mf.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint {path}: file {MANIFEST} is corrupt: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+            raise CheckpointError(f"checkpoint {path}: file {MANIFEST} is not a {FORMAT} manifest")
+        return CheckpointInfo(path=path, step=int(manifest["step"]), manifest=manifest)
+
+    # -- save ------------------------------------------------------------------------------
+    def save(self, step: int, engine_or_state_fns, client_state: Optional[dict] = None, *,
+             model: Optional[torch.nn.Module] = None) -> Path:
+        """Write checkpoint ``step`` atomically (all ranks call this); returns its directory.
+
+        ``client_state``: the run position and settings (step, consumed samples, resolved config,
+        LR scheduler state if the engine does not hold it, ...), written by rank 0. Each rank also
+        stores its RNG states and the SL support metadata of ``model`` (default: the engine's module).
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} must be a non-negative integer")
+        client_state = dict(client_state or {})
+        client_state.setdefault("step", step)
+        if client_state["step"] != step:
+            raise ValueError(f"client_state['step']={client_state['step']!r} differs from step={step}")
+        state_io = as_state_io(engine_or_state_fns)
+        model = model if model is not None else getattr(state_io, "module", None)
+        comm = _Comm(self.group)
+        name = step_dirname(step)
+        final = self.root / name
+        tmp = self.root / f"{TMP_PREFIX}{name}"
+
+        # 1. temp dir (rank 0), seen by every rank; an existing committed step_N is kept as is
+        exists = None
+        if comm.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._clean_leftovers()
+            if final.exists():  # saved before (e.g. preempted right after resuming from it): keep if intact
+                try:
+                    info = self._read_manifest(final)
+                    exists = not self._verify_files(final, info.manifest, sorted(info.manifest["files"]))
+                except CheckpointError:
+                    exists = False
+                if not exists:
+                    final.rename(self.root / f"{TRASH_PREFIX}{name}-{time.time_ns()}")
+            if not exists:
+                tmp.mkdir()
+        exists = comm.broadcast(exists)
+        if exists:
+            if comm.rank == 0:
+                self._update_latest(name)
+                self._prune(step)
+            comm.barrier()
+            return final
+        comm.barrier()
+        seen = comm.all_gather(tmp.is_dir())
+        if not all(seen):
+            blind = [r for r, ok in enumerate(seen) if not ok]
+            raise CheckpointError(f"ranks {blind} do not see {tmp} created by rank 0: run_dir {self.run_dir} must be "
+                                  f"on a filesystem shared by all ranks")
+
+        # 2. every rank: engine files + its own RNG / SL metadata; rank 0: client state
+        engine_dir = tmp / ENGINE_DIR
+        if comm.rank == 0:
+            engine_dir.mkdir()
+            (tmp / RANKS_DIR).mkdir()
+        comm.barrier()
+        state_io.save_state(engine_dir)
+        torch_save_durable({"rank": comm.rank, "world_size": comm.world, "rng": capture_rng_state(),
+                            "sl_support": sl_support_metadata(model)},
+                           tmp / RANKS_DIR / f"rank_{comm.rank:05d}.pt")
+        if comm.rank == 0:
+            torch_save_durable(client_state, tmp / CLIENT_STATE)
+        self._fault("after_write")
+        comm.barrier()
+
+        # 3. fsync + checksum, split over the ranks
+        files = comm.broadcast(_list_files(tmp) if comm.rank == 0 else None)
+        mine = {rel: {"size": (tmp / rel).stat().st_size, self.checksum: file_checksum(tmp / rel, self.checksum, fsync=True)}
+                for rel in files[comm.rank::comm.world]}
+        parts = comm.all_gather(mine)
+        self._fault("after_checksum")
+
+        # 4. rank 0: manifest, rename, pointer, prune
+        if comm.rank == 0:
+            entries = {}
+            for part in parts:
+                entries.update(part)
+            manifest = {"format": FORMAT, "step": step, "world_size": comm.world, "checksum": self.checksum,
+                        "created_unix": time.time(),
+                        "client": {k: client_state[k] for k in ("step", "consumed_samples") if k in client_state},
+                        "files": {rel: entries[rel] for rel in files}}
+            write_durable(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            for d in sorted({(tmp / rel).parent for rel in files} | {tmp}, key=lambda p: -len(p.parts)):
+                fsync_dir(d)
+            self._fault("before_rename")
+            os.rename(tmp, final)
+            fsync_dir(self.root)
+            self._fault("after_rename")
+            self._update_latest(name)
+            self._fault("after_latest")
+            self._prune(step)
+        comm.barrier()
+        return final
+
+    def _update_latest(self, name: str) -> None:
+        replace_durable(self.root / LATEST, (name + "\n").encode())
+
+    def _clean_leftovers(self) -> None:
+        """Remove interrupted saves and half-deleted checkpoints (rank 0, before a save)."""
+        for p in self.root.iterdir():
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or p.name.startswith(TRASH_PREFIX)):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _prune(self, current: int) -> None:
+        """Keep the ``keep_last`` newest complete checkpoints up to ``current`` (and whatever ``latest``
+        names). Directories of steps after ``current`` belong to an abandoned timeline (the run resumed
+        from an older checkpoint because they did not verify): renamed ``step_N.abandoned-<ns>``, not
+        deleted. Deletion renames to ``.trash-*`` first so a half-deleted directory never looks complete."""
+        latest = self.read_latest()
+        kept = 0
+        for info in self.complete():
+            if info.step > current:
+                dst = info.path.with_name(f"{info.path.name}.abandoned-{time.time_ns()}")
+                info.path.rename(dst)
+                warnings.warn(f"checkpoint {info.path} is newer than the step being saved ({current}); the run "
+                              f"resumed from an older checkpoint, so it was moved to {dst.name}", CheckpointWarning,
+                              stacklevel=3)
+                continue
+            if kept < self.keep_last or info.path.name == latest:
+                kept += 1
+                continue
+            info.path.rename(self.root / f"{TRASH_PREFIX}{info.path.name}-{time.time_ns()}")
+        for p in self.root.iterdir():
+            if p.name.startswith(TRASH_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+        fsync_dir(self.root)
+
+    # -- verify / resume -------------------------------------------------------------------
+    def _verify_files(self, path: Path, manifest: dict, files: Sequence[str]) -> List[str]:
+        algo = manifest.get("checksum", self.checksum)
+        problems = []
+        for rel in files:
+            want = manifest["files"][rel]
+            f = path / rel
+            if not f.is_file():
+                problems.append(f"file {rel} is missing")
+                continue
+            size = f.stat().st_size
+            if size != want["size"]:
+                problems.append(f"file {rel} is truncated or changed: {size} bytes, manifest says {want['size']}")
+                continue
+            if self.verify == "checksum" and file_checksum(f, algo) != want[algo]:
+                problems.append(f"file {rel} is corrupt: {algo} checksum does not match the manifest")
+        return problems
+
+    def verify_checkpoint(self, path: Path) -> CheckpointInfo:
+        """Verify one checkpoint (collective); raises ``CheckpointError`` naming the bad file."""
+        comm = _Comm(self.group)
+        head = None
+        if comm.rank == 0:
+            try:
+                head = self._read_manifest(path)
+            except CheckpointError as e:
+                head = str(e)
+        head = comm.broadcast(head)
+        if isinstance(head, str):
+            raise CheckpointError(head)
+        files = sorted(head.manifest["files"])
+        problems = [p for part in comm.all_gather(self._verify_files(path, head.manifest, files[comm.rank::comm.world]))
+                    for p in part]
+        if problems:
+            raise CheckpointError(f"checkpoint {path}: " + "; ".join(problems))
+        return head
+
+    def find_resumable(self) -> Optional[CheckpointInfo]:
+        """The newest complete, verified checkpoint (same on every rank), or None when there is
+        nothing to resume. Skipped checkpoints give a ``CheckpointWarning`` naming the bad file; if
+        checkpoints exist and none verifies, raises ``CheckpointError`` (never a silent fresh start)."""
+        comm = _Comm(self.group)
+        listing = None
+        if comm.rank == 0:
+            dirs = self.step_dirs()
+            tmps = sorted(p.name for p in self.root.iterdir() if p.name.startswith(TMP_PREFIX)) if self.root.is_dir() else []
+            listing = ([str(p) for p in dirs], self.read_latest(), tmps)
+        dirs, latest, tmps = comm.broadcast(listing)
+        if tmps and comm.rank == 0:
+            warnings.warn(f"ignoring interrupted checkpoint save(s) in {self.root}: {tmps}", CheckpointWarning, stacklevel=2)
+        failures = []
+        for d in map(Path, dirs):
+            try:
+                info = self.verify_checkpoint(d)
+            except CheckpointError as e:
+                failures.append(str(e))
+                if comm.rank == 0:
+                    warnings.warn(f"{e}; falling back to the previous checkpoint", CheckpointWarning, stacklevel=2)
+                continue
+            m = STEP_RE.match(latest or "")
+            if m and int(m.group(1)) < info.step and comm.rank == 0:
+                warnings.warn(f"{self.root / LATEST} names {latest!r} but the newest complete checkpoint is {d.name} "
+                              f"(a save was interrupted after its rename, or the pointer is stale); resuming from "
+                              f"{d.name}", CheckpointWarning, stacklevel=2)
+            return info
+        if failures or latest is not None:
+            detail = "; ".join(failures) if failures else f"{LATEST} names {latest!r} but no step_* directory exists"
+            raise CheckpointError(f"checkpoints exist in {self.root} but none can be resumed (refusing to start "
+                                  f"from scratch; move the directory away to do that): {detail}")
+        return None
+
+    def load(self, info: CheckpointInfo, engine_or_state_fns, *, model: Optional[torch.nn.Module] = None,
+             restore_rng: bool = True) -> dict:
+        """Load ``info`` into the engine (collective); checks world size and SL support metadata
+        first, restores this rank's RNG states last; returns the client state."""
+        comm = _Comm(self.group)
+        state_io = as_state_io(engine_or_state_fns)
+        model = model if model is not None else getattr(state_io, "module", None)
+        saved_world = info.manifest.get("world_size")
+        if saved_world != comm.world:
+            raise CheckpointError(f"checkpoint {info.path} was written by {saved_world} ranks, this run has "
+                                  f"{comm.world}; resuming with a different world size is not supported")
+        rank_file = info.path / RANKS_DIR / f"rank_{comm.rank:05d}.pt"
+        try:
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+            client_state = torch.load(info.path / CLIENT_STATE, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {info.path}: cannot read {e}") from e
+        check_sl_support(model, rank_state["sl_support"], f"checkpoint {rank_file}")
+        state_io.load_state(info.path / ENGINE_DIR)
+        if restore_rng:
+            restore_rng_state(rank_state["rng"])
+        comm.barrier()
+        return client_state
+
+    def resume(self, engine_or_state_fns, *, model: Optional[torch.nn.Module] = None) -> Optional[dict]:
+        """``find_resumable`` + ``load``: the client state of the resumed checkpoint, or None (fresh run)."""
+        info = self.find_resumable()
+        if info is None:
+            return None
+        return self.load(info, engine_or_state_fns, model=model)
+

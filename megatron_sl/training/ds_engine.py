@@ -1,0 +1,101 @@
+"""``DeepSpeedTrainEngine``: the megatron GPTModel under ``deepspeed.initialize`` with megatron's
+groups (``MegatronMPU``), a client optimizer (torch AdamW or bitsandbytes AdamW8bit in separate
+TP-sharded / TP-replicated param groups) and our warmup-cosine schedule as a LambdaLR, which
+DeepSpeed steps at each gradient-accumulation boundary and stores in its checkpoints.
+
+The training loop talks to this class and to ``PerLayerEngine`` through the same small surface:
+``forward``, ``backward(loss)`` (loss of one micro-batch; scaled by 1/GA inside), ``step()``
+(after every micro-batch; updates only at the boundary), ``grad_norm``/``lr`` of the last update,
+``train()``/``eval()``, ``state_bytes()``, ``gathered_params()`` and ``save_state``/``load_state``
+(this rank's engine files, for ``training.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from torch.optim.lr_scheduler import LambdaLR
+
+from .config import TrainConfig
+from .distributed import import_deepspeed
+from .ds_config import render_ds_config
+from .grads import global_norm, squared_norm_parts
+from .mpu import MegatronMPU
+from .optim import make_optimizer, param_groups, state_bytes
+from .schedule import WarmupCosine
+from .validate import Plan
+
+
+class DeepSpeedTrainEngine:
+    per_layer = False
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, plan: Plan, schedule: WarmupCosine, device: str):
+        deepspeed = import_deepspeed(device)
+        self._deepspeed = deepspeed
+        self.ds_config = render_ds_config(cfg, plan)
+        self.zero_stage = cfg.deepspeed.zero_stage
+        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim)
+        self.client_optimizer = optimizer
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, mpu=MegatronMPU(),
+            lr_scheduler=lambda opt: LambdaLR(opt, schedule.lr_lambda))
+        self.grad_norm: Optional[float] = None
+        self.lr: float = schedule.lr_at(0)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward(self, tokens, position_ids, attention_mask, labels):
+        return self.engine(tokens, position_ids, attention_mask, labels=labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Call after every micro-batch; returns True when this call performed an update."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        own_norm = None
+        if boundary:
+            self.lr = float(self.engine.get_lr()[0])
+            if self.zero_stage == 0:  # DeepSpeed clips at stage 0 but does not keep the norm
+                own_norm = global_norm(squared_norm_parts(self.engine.module.parameters()),
+                                       ps.get_tensor_model_parallel_group())
+        self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self.grad_norm = float(norm) if norm is not None else own_norm
+        return boundary
+
+    def train(self):
+        self.engine.train()
+
+    def eval(self):
+        self.engine.eval()
+
+    def state_bytes(self):
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        return state_bytes([base])
+
+    @contextlib.contextmanager
+    def gathered_params(self):
+        """Full (un-partitioned) parameters inside the block; a no-op below ZeRO-3."""
+        if self.zero_stage == 3:
+            with self._deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+                yield
+        else:
+            yield
+
+    def save_state(self, directory) -> None:
+        """This rank's engine files for ``training.checkpoint`` (module, ZeRO shards, LR scheduler)."""
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state={}, save_latest=False)
+
+    def load_state(self, directory) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the engine state in {directory}/ds")

@@ -1,0 +1,80 @@
+"""Gradient arithmetic under TP x DP that DeepSpeed does not do for us: the global gradient norm
+(TP-sharded parameters summed over the TP group, replicated ones counted once), clipping with it,
+and the data-parallel average used by the per-layer optimizer.
+
+The norm definition is the one DeepSpeed uses with an mpu (checked against it in the notes):
+sqrt(sum over TP ranks of |g_sharded|^2 + |g_replicated|^2), gradients already DP-averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .optim import is_tp_sharded
+
+CLIP_EPS = 1e-6  # same as torch.nn.utils.clip_grad_norm_ and DeepSpeed
+
+
+def squared_norm_parts(params: Iterable[torch.nn.Parameter], device=None) -> torch.Tensor:
+    """[sum |g|^2 of TP-sharded grads, sum |g|^2 of replicated grads] on this rank, float64, on
+    ``device`` (default: the first gradient's device, so collectives work with nccl too)."""
+    out = None if device is None else torch.zeros(2, dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        if out is None:
+            out = torch.zeros(2, dtype=torch.float64, device=p.grad.device)
+        out[0 if is_tp_sharded(p) else 1] += p.grad.detach().double().pow(2).sum().to(out.device)
+    return out if out is not None else torch.zeros(2, dtype=torch.float64)
+
+
+def global_norm(parts: torch.Tensor, tp_group: Optional[dist.ProcessGroup]) -> float:
+    """Combine ``squared_norm_parts`` into the global norm: sharded part summed over TP."""
+    sharded = parts[0].clone()
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(sharded, group=tp_group)
+    return float((sharded + parts[1]).sqrt())
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """Factor to multiply gradients by (1.0 if no clipping is needed or clipping is off)."""
+    if max_norm <= 0:
+        return 1.0
+    coef = max_norm / (norm + CLIP_EPS)
+    return coef if coef < 1.0 else 1.0
+
+
+def dp_average_(grad: torch.Tensor, dp_group: Optional[dist.ProcessGroup]) -> None:
+    """In-place mean over the data-parallel group (sum, then scale: DeepSpeed's default order)."""
+    if dp_group is None:
+        return
+    n = dist.get_world_size(dp_group)
+    if n > 1:
+        dist.all_reduce(grad, group=dp_group)
+        grad.mul_(1.0 / n)
+
+
+def install_sequence_parallel_grad_sync(model: torch.nn.Module, tp_group) -> int:
+    """Sum gradients of ``sequence_parallel``-tagged replicated parameters over TP, per micro-batch.
+
+    Under sequence parallelism a replicated parameter applied to sequence-sharded activations
+    (the norms) sees only its rank's tokens; megatron sums these gradients in
+    ``finalize_model_grads``, which DeepSpeed does not call. A tensor hook reduces each micro-batch's
+    contribution before it is accumulated, so gradient accumulation and ZeRO's own hooks see the
+    full gradient. Returns the number of parameters hooked.
+    """
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and getattr(p, "sequence_parallel", False) and not is_tp_sharded(p):
+            def _sum(g, _group=tp_group):
+                g = g.clone()
+                dist.all_reduce(g, group=_group)
+                return g
+            p.register_hook(_sum)
+            n += 1
+    return n

@@ -1,0 +1,301 @@
+"""Checks of a TrainConfig against the world size, the model preset and the files on disk, and the
+``Plan`` of derived quantities (DP size, gradient accumulation, padded vocabulary, resolved model
+shape, SLConfig, warmup, DeepSpeed template) that the rest of training reads.
+
+``make_plan`` is called twice: in the launching process before any rank starts, and again in every
+rank before distributed init. It is cheap (no megatron/deepspeed import, no dataset build) and
+raises one ``ConfigError`` naming the bad key and value; it writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from ..core.config import SLConfig
+from .config import ConfigError, TrainConfig
+
+# DeepSpeed keys that are written from the training config at launch and therefore may not be
+# set in a template or in ``deepspeed.extra``.
+DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "gradient_clipping", "optimizer", "scheduler", "fp16")
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Quantities derived from a validated config; read-only."""
+
+    world_size: int
+    tp: int
+    dp: int
+    grad_accum: int
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+    vocab_size: int           # padded, what the model is built with
+    tokenizer_vocab_size: int
+    preset: Any               # the LlamaPreset after shape overrides
+    sl_config: Optional[SLConfig]
+    warmup_iters: int
+    ds_template: Optional[Path]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_length
+
+    @property
+    def use_deepspeed(self) -> bool:
+        return self.ds_template is not None
+
+
+def _fail(msg: str):
+    raise ConfigError(msg)
+
+
+def _positive(key: str, v, allow_zero: bool = False):
+    if v is None or v < 0 or (v == 0 and not allow_zero):
+        _fail(f"config key {key}={v!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def check_readable(path: str, what: str, key: str) -> Path:
+    p = Path(path)
+    if not path:
+        _fail(f"config key {key} is empty: give the {what}")
+    if not p.is_file():
+        _fail(f"config key {key}={path!r}: {what} {str(p)!r} does not exist or is not a file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        _fail(f"config key {key}={path!r}: {what} {str(p)!r} cannot be read: {e.strerror}")
+    if not head:
+        _fail(f"config key {key}={path!r}: {what} {str(p)!r} is empty")
+    return p
+
+
+def check_data(cfg: TrainConfig) -> int:
+    """The indexed dataset (header, sizes) and tokenizer are readable; returns the tokenizer vocab size."""
+    from .data.datasets import resolve_data_prefix
+    from .data.errors import DataError
+    from .data.indexed_format import inspect_indexed_dataset
+    from .data.tokenizer import load_tokenizer
+
+    prefix = cfg.data.prefix
+    if not prefix:
+        _fail("config key data.prefix is empty: give the indexed dataset prefix (PREFIX.bin / PREFIX.idx)")
+    try:
+        resolved = resolve_data_prefix(prefix)
+        for suffix in (".bin", ".idx"):
+            check_readable(f"{resolved}{suffix}", "indexed dataset file", "data.prefix")
+        inspect_indexed_dataset(resolved)
+    except DataError as e:
+        _fail(f"config key data.prefix={prefix!r}: {e}")
+    check_readable(cfg.data.tokenizer, "tokenizer model", "data.tokenizer")
+    try:
+        vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
+    except DataError as e:
+        _fail(f"config key data.tokenizer={cfg.data.tokenizer!r}: {e}")
+    parts = cfg.data.split.split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or weights[0] <= 0:
+        _fail(f"config key data.split={cfg.data.split!r} must be 1-3 non-negative weights 'train,valid,test' "
+              "with train > 0, e.g. '95,5,0'")
+    weights += [0.0] * (3 - len(weights))
+    if cfg.eval.iters > 0 and weights[1] <= 0:
+        _fail(f"config key data.split={cfg.data.split!r} has no validation share but eval.iters={cfg.eval.iters}")
+    return vocab
+
+
+def resolve_preset(cfg: TrainConfig):
+    from ..model import presets as P
+
+    try:
+        preset = P.get_preset(cfg.model.preset)
+    except (KeyError, ValueError) as e:
+        _fail(f"config key model.preset={cfg.model.preset!r} is not a known preset ({e})")
+    shape_keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "seq_length", "vocab_size")
+    overrides = {k: getattr(cfg.model, k) for k in shape_keys if getattr(cfg.model, k) is not None}
+    for k, v in overrides.items():
+        _positive(f"model.{k}", v)
+    try:
+        return dataclasses.replace(preset, **overrides) if overrides else preset
+    except ValueError as e:  # the preset's own shape checks
+        _fail(f"config section model: {e}")
+
+
+def check_model(cfg: TrainConfig, preset, tp: int) -> Optional[SLConfig]:
+    h, heads, groups = preset.hidden_size, preset.num_attention_heads, preset.num_query_groups
+    ffn = preset.ffn_hidden_size
+    if h % heads:
+        _fail(f"model: hidden_size={h} is not divisible by num_attention_heads={heads}")
+    if heads % groups:
+        _fail(f"model: num_attention_heads={heads} is not divisible by num_query_groups={groups}")
+    for name, v in (("num_attention_heads", heads), ("num_query_groups", groups), ("ffn_hidden_size", ffn)):
+        if v % tp:
+            _fail(f"parallel.tensor_parallel={tp} does not divide model {name}={v}")
+    if preset.seq_length < 2:
+        _fail(f"model.seq_length={preset.seq_length} must be >= 2")
+    if cfg.model.variant == "dense":
+        return None
+    rank = cfg.sl.rank if cfg.sl.rank is not None else preset.rank
+    alpha = cfg.sl.alpha if cfg.sl.alpha is not None else preset.alpha
+    density = 0.0 if cfg.model.variant == "lowrank" else (cfg.sl.density if cfg.sl.density is not None
+                                                          else preset.density)
+    if cfg.model.variant == "lowrank" and cfg.sl.density not in (None, 0, 0.0):
+        _fail(f"config key sl.density={cfg.sl.density!r} contradicts model.variant='lowrank' (density 0)")
+    try:
+        slc = SLConfig(rank=rank, density=density, alpha=alpha, seed=cfg.sl.seed,
+                       targets=tuple(cfg.sl.targets), path=cfg.sl.path)
+    except ValueError as e:
+        _fail(f"config section sl: {e}")
+    from ..model.param_count import count_parameters
+
+    try:  # every SL matrix (q, k, v, o, gate, up, down) must have rank <= min(out, in)
+        count_parameters(preset, cfg.model.variant, slc)
+    except ValueError as e:
+        _fail(f"config key sl.rank={rank}: {e}")
+    return slc
+
+
+def find_ds_template(cfg: TrainConfig) -> Path:
+    if cfg.deepspeed.config_template:
+        path = Path(cfg.deepspeed.config_template)
+        key = "deepspeed.config_template"
+    else:
+        path = DS_CONFIG_DIR / f"zero{cfg.deepspeed.zero_stage}_{cfg.train.precision}.json"
+        key = "deepspeed.zero_stage/train.precision"
+    if not path.is_file():
+        _fail(f"config key {key}: DeepSpeed config template {str(path)!r} does not exist")
+    try:
+        tmpl = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        _fail(f"DeepSpeed config template {str(path)!r} is not readable JSON: {e}")
+    if not isinstance(tmpl, dict):
+        _fail(f"DeepSpeed config template {str(path)!r} must be a JSON object")
+    check_ds_dict(tmpl, f"DeepSpeed template {str(path)!r}", cfg)
+    check_ds_dict(cfg.deepspeed.extra, "config key deepspeed.extra", cfg)
+    return path
+
+
+def check_ds_dict(d: dict, where: str, cfg: TrainConfig) -> None:
+    for k in DS_OWNED_KEYS:
+        if k in d:
+            _fail(f"{where} sets {k!r}; batch sizes, clipping, optimizer and scheduler come from the training "
+                  "config only (train.*, optim.*)")
+    stage = d.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.deepspeed.zero_stage:
+        _fail(f"{where} has zero_optimization.stage={stage} but deepspeed.zero_stage={cfg.deepspeed.zero_stage}")
+    bf16 = d.get("bf16", {}).get("enabled")
+    if bf16 is not None and bool(bf16) != (cfg.train.precision == "bf16"):
+        _fail(f"{where} has bf16.enabled={bf16} but train.precision={cfg.train.precision!r}")
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    out = Path(cfg.run.output_dir)
+    if not cfg.run.output_dir:
+        _fail("config key run.output_dir is empty")
+    if out.exists() and not out.is_dir():
+        _fail(f"config key run.output_dir={cfg.run.output_dir!r} exists and is not a directory")
+    if cfg.run.save_interval < 0:
+        _fail(f"config key run.save_interval={cfg.run.save_interval!r} must be >= 0 (0: no periodic checkpoints)")
+    if cfg.run.keep_last < 1:
+        _fail(f"config key run.keep_last={cfg.run.keep_last!r} must be >= 1")
+    resumable = cfg.run.resume and not cfg.run.overwrite and (out / "checkpoints").is_dir()
+    if out.is_dir() and any(out.iterdir()) and not cfg.run.overwrite and not resumable:
+        _fail(f"config key run.output_dir={cfg.run.output_dir!r} exists and is not empty (and holds no checkpoints "
+              "to resume); choose a new directory or set run.overwrite=true")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(parent)!r} is not writable")
+
+
+def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:
+    """Validate ``cfg`` for ``world_size`` ranks and derive the Plan. Raises ConfigError.
+
+    ``check_inputs=False`` skips the data/tokenizer files (for a check before the data exists; the
+    vocabulary is then the model's own) and ``check_outputs=False`` the run directory."""
+    t, o = cfg.train, cfg.optim
+    if world_size < 1:
+        _fail(f"world size {world_size} must be >= 1")
+    for key, v in (("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
+                   ("train.train_iters", t.train_iters), ("parallel.tensor_parallel", cfg.parallel.tensor_parallel),
+                   ("launch.nproc_per_node", cfg.launch.nproc_per_node), ("run.log_interval", cfg.run.log_interval),
+                   ("model.make_vocab_size_divisible_by", cfg.model.make_vocab_size_divisible_by)):
+        _positive(key, v)
+    _positive("eval.interval", cfg.eval.interval, allow_zero=True)
+    _positive("eval.iters", cfg.eval.iters, allow_zero=True)
+    tp = cfg.parallel.tensor_parallel
+    if world_size % tp:
+        _fail(f"parallel.tensor_parallel={tp} does not divide the world size {world_size}")
+    if cfg.parallel.sequence_parallel and tp == 1:
+        _fail("config key parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+    dp = world_size // tp
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        _fail(f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+              f"{t.micro_batch_size} x data-parallel size {dp} (= world {world_size} / TP {tp})")
+    ga = t.global_batch_size // per_step
+    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != ga:
+        _fail(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} disagrees with "
+              f"global_batch_size {t.global_batch_size} / (micro_batch_size {t.micro_batch_size} x DP {dp}) = {ga}")
+
+    # optimizer / schedule
+    if not o.lr > 0:
+        _fail(f"config key optim.lr={o.lr!r} must be > 0")
+    if not 0 < o.min_lr_ratio <= 1:
+        _fail(f"config key optim.min_lr_ratio={o.min_lr_ratio!r} must be in (0, 1]")
+    warmup = o.warmup_iters if o.warmup_iters is not None else t.train_iters // 10
+    if not 0 <= warmup <= t.train_iters:
+        _fail(f"config key optim.warmup_iters={o.warmup_iters!r} must be in [0, train.train_iters={t.train_iters}]")
+    for key, v in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= v < 1:
+            _fail(f"config key {key}={v!r} must be in [0, 1)")
+    if not o.eps > 0:
+        _fail(f"config key optim.eps={o.eps!r} must be > 0")
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.clip_grad", o.clip_grad, allow_zero=True)
+    _positive("optim.min_8bit_size", o.min_8bit_size, allow_zero=True)
+    if o.name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        _fail("config key optim.name='adamw8bit' needs the bitsandbytes package, which is not installed")
+    ds_template = None
+    if o.per_layer:
+        if cfg.deepspeed.zero_stage != 0:
+            _fail(f"optim.per_layer=true cannot be combined with deepspeed.zero_stage={cfg.deepspeed.zero_stage}: "
+                  "ZeRO-1/2/3 partition or reduce gradients inside DeepSpeed and would undo or crash on the "
+                  "in-backward updates; use deepspeed.zero_stage=0 (per-layer runs without DeepSpeed)")
+        if t.precision != "fp32":
+            _fail(f"optim.per_layer=true supports train.precision='fp32' only (got {t.precision!r}): it keeps no "
+                  "separate fp32 master weights")
+    else:
+        ds_template = find_ds_template(cfg)
+
+    # model
+    preset = resolve_preset(cfg)
+    sl_config = check_model(cfg, preset, tp)
+    tok_vocab = check_data(cfg) if check_inputs else (cfg.model.vocab_size or preset.vocab_size)
+    if cfg.model.vocab_size is not None:
+        if cfg.model.vocab_size < tok_vocab:
+            _fail(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                  f"({tok_vocab})")
+        base_vocab = cfg.model.vocab_size
+    else:
+        base_vocab = tok_vocab
+    multiple = cfg.model.make_vocab_size_divisible_by * tp
+    vocab = -(-base_vocab // multiple) * multiple
+    if check_outputs:
+        check_output_dir(cfg)
+    return Plan(world_size=world_size, tp=tp, dp=dp, grad_accum=ga, micro_batch_size=t.micro_batch_size,
+                global_batch_size=t.global_batch_size, seq_length=preset.seq_length, vocab_size=vocab,
+                tokenizer_vocab_size=tok_vocab, preset=preset, sl_config=sl_config, warmup_iters=warmup,
+                ds_template=ds_template)

@@ -1,0 +1,123 @@
+"""Test worker run under ``torchrun``: several real training runs in one process group.
+
+Usage: ``torchrun --nproc_per_node 2 -m tests.training._worker SPEC.json OUT_DIR`` (from the repo root).
+SPEC is a list of cases ``{"name", "overrides": [...], "compare_with": optional case name,
+"single_param_group": optional bool}``; each case runs ``megatron_sl.training.trainer.Trainer`` from
+``configs/tiny_sl.yaml`` plus the overrides, exactly as ``megatron-sl train`` does inside a rank
+(one torchrun launch amortises the ~15 s of imports over all cases). Rank 0 writes
+``OUT_DIR/results.json``: per case the run summary plus
+
+* ``replicated_max_abs_diff``: exact max |p - p_tp0| over TP-replicated parameters (all-gathered);
+* ``param_max_abs_diff`` / ``param_max_rel_diff`` vs ``compare_with`` (final parameters, every rank);
+* ``error``: the traceback if the case raised.
+
+``single_param_group`` is a negative control: it puts all parameters in ONE optimizer group (the
+configuration that lets bitsandbytes 8-bit states drift across TP ranks). ``perturb_support_rank1``
+shifts one SL support on rank 1 after the model is built (as a per-rank support seed would): the
+start-up check must refuse to train.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def final_params(trainer) -> dict:
+    with trainer.engine.gathered_params():
+        return {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
+
+
+def main(spec_path: str, out_dir: str) -> int:
+    from megatron_sl.training import optim as optim_mod
+    from megatron_sl.training.checks import replicated_max_abs_diff
+    from megatron_sl.training.config import load_config
+    from megatron_sl.training.distributed import rank_env, silence_known_warnings
+    from megatron_sl.training.trainer import Trainer
+    from megatron_sl.training.validate import make_plan
+
+    silence_known_warnings()
+    cases = json.loads(Path(spec_path).read_text())
+    out = Path(out_dir)
+    results, params = {}, {}
+    original_groups = optim_mod.param_groups
+    import megatron_sl.training.trainer as trainer_mod
+
+    original_build = trainer_mod._build_model
+    for case in cases:
+        name = case["name"]
+        res = {}
+        try:
+            overrides = list(case["overrides"]) + [f"run.output_dir={out / name}", "run.progress_bar=false"]
+            cfg = load_config(REPO / "configs" / "tiny_sl.yaml", overrides)
+            plan = make_plan(cfg, rank_env().world_size, check_outputs=False)
+            if case.get("single_param_group"):
+                optim_mod.param_groups = lambda model, wd: [{"params": [p for p in model.parameters()],
+                                                            "weight_decay": wd, "name": "all"}]
+                import megatron_sl.training.ds_engine as dse
+                dse.param_groups = optim_mod.param_groups
+            if case.get("perturb_support_rank1"):
+                import megatron_sl.training.trainer as trainer_mod
+
+                build = trainer_mod._build_model
+
+                def perturbed(cfg_, plan_, _build=build):
+                    model = _build(cfg_, plan_)
+                    if dist.get_rank() == 1:
+                        from megatron_sl.training.checks import support_indices
+
+                        name, idx = support_indices(model)[0]
+                        idx[0] = (idx[0] + 1) % idx[1] if idx.numel() > 1 else idx[0] + 1
+                    return model
+
+                trainer_mod._build_model = perturbed
+            trainer = Trainer(cfg, plan)
+            res.update(trainer.run())
+            from megatron.core import parallel_state as ps
+
+            with trainer.engine.gathered_params():
+                res["replicated_max_abs_diff"] = replicated_max_abs_diff(
+                    trainer.engine.module, ps.get_tensor_model_parallel_group())
+            params[name] = final_params(trainer)
+            ref = case.get("compare_with")
+            if ref is not None:
+                worst = torch.zeros(2, dtype=torch.float64)
+                for n, p in params[name].items():
+                    q = params[ref][n]
+                    d = (p - q).abs().max().double()
+                    worst[0] = max(worst[0], d)
+                    worst[1] = max(worst[1], d / q.abs().max().double().clamp(min=1e-12))
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                res["param_max_abs_diff"], res["param_max_rel_diff"] = float(worst[0]), float(worst[1])
+            del trainer
+        except Exception:  # noqa: BLE001 -- recorded and reported by the test
+            res["error"] = traceback.format_exc()
+            print(res["error"], file=sys.stderr, flush=True)
+        finally:
+            import megatron_sl.training.trainer as trainer_mod
+
+            trainer_mod._build_model = original_build
+            optim_mod.param_groups = original_groups
+            import megatron_sl.training.ds_engine as dse
+            dse.param_groups = original_groups
+            gc.collect()
+        results[name] = res
+        if dist.is_initialized():
+            dist.barrier()
+    if rank_env().rank == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main(*sys.argv[1:]))
