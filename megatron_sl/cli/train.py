@@ -70,6 +70,9 @@ def main(argv=None) -> int:
         extra = ["--dry-run"] if args.dry_run else []
         return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *args.overrides],
                                cfg.launch.master_port)
+    from megatron_sl.training.preemption import PreemptionHandler
+
+    handler = PreemptionHandler().install()  # before the slow imports: a stop signal during set-up is kept
     from megatron_sl.training.distributed import silence_known_warnings
 
     silence_known_warnings()
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
     from megatron_sl.training.preemption import EXIT_PREEMPTED
     from megatron_sl.training.trainer import train
 
-    return EXIT_PREEMPTED if train(cfg, plan).get("preempted") else 0
+    return EXIT_PREEMPTED if train(cfg, plan, handler).get("preempted") else 0
 
 
 if __name__ == "__main__":

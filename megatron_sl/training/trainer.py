@@ -192,7 +192,7 @@ class Trainer:
         return float(self._dp_mean(losses / p.grad_accum))
 
     # -- the run ----------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, handler: Optional[PreemptionHandler] = None) -> dict:
         cfg, p = self.cfg, self.plan
         self.log(f"[train] {cfg.model.variant} model from preset {cfg.model.preset!r}: {self.num_params:,} trainable "
                  f"parameters; world {p.world_size} = TP {p.tp} x DP {p.dp}; "
@@ -205,7 +205,8 @@ class Trainer:
         t_train, losses, evals = 0.0, [], []
         first_step_s = None
         preempted = False
-        handler = PreemptionHandler().install()
+        own_handler = handler is None
+        handler = PreemptionHandler().install() if own_handler else handler
         try:
             while self.step < cfg.train.train_iters:
                 dt, loss = self._timed_step(progress, evals)
@@ -220,7 +221,8 @@ class Trainer:
                     preempted = True
                     break
         finally:
-            handler.uninstall()
+            if own_handler:
+                handler.uninstall()
         progress.close()
         if preempted:
             self.log(f"[preempted] stop signal: checkpoint at step {self.step} committed; exiting for requeue")
@@ -300,6 +302,7 @@ class Trainer:
         return summary
 
 
-def train(cfg: TrainConfig, plan: Plan) -> dict:
-    """Run training in this rank (inside a launcher); returns the summary (same on every rank)."""
-    return Trainer(cfg, plan).run()
+def train(cfg: TrainConfig, plan: Plan, handler: Optional[PreemptionHandler] = None) -> dict:
+    """Run training in this rank (inside a launcher); returns the summary (same on every rank).
+    ``handler``: an already installed ``PreemptionHandler`` (the CLI installs one before set-up)."""
+    return Trainer(cfg, plan).run(handler)
