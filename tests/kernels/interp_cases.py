@@ -69,15 +69,7 @@ def _force_triton():
 
 @pytest.fixture
 def launches(monkeypatch):
-    counts = {"densify": 0, "sddmm": 0}
-    for name in counts:
-        real = getattr(tk, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            counts[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(tk, name, counting)
-    return counts
+    return C.count_launches(monkeypatch)
 
 
 # 1 ---------------------------------------------------------------------------------------------

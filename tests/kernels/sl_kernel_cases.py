@@ -137,3 +137,18 @@ def check_linear(sl_linear, case, dtype, device, path, scale=0.75):
         assert grads[k].dtype == expected, f"grad of {k} is {grads[k].dtype}, expected {expected}"
         errs["d" + k] = rel_err(grads[k], grads64[k])
     return errs
+
+
+def count_launches(monkeypatch) -> dict:
+    """Count calls of the Triton launchers (so a silent fallback to the torch reference fails a test)."""
+    from megatron_sl.kernels import triton_kernels as tk
+
+    counts = {"densify": 0, "sddmm": 0}
+    for name in counts:
+        real = getattr(tk, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(tk, name, counting)
+    return counts

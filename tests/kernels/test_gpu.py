@@ -44,16 +44,7 @@ def _setup():
 
 @pytest.fixture
 def launches(monkeypatch):
-    from megatron_sl.kernels import triton_kernels as tk
-    counts = {"densify": 0, "sddmm": 0}
-    for name in counts:
-        real = getattr(tk, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            counts[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(tk, name, counting)
-    return counts
+    return C.count_launches(monkeypatch)
 
 
 def test_auto_backend_is_triton_on_cuda():

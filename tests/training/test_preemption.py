@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,9 +54,12 @@ def test_save_signal_requests_one_checkpoint():
 
 
 def test_signal_pending_before_install_is_delivered_at_install():
+    # The mask is per thread: a process-directed kill() would go to any other thread of this
+    # process that does not block SIGUSR1 (earlier tests leave torch/gloo threads behind) and kill
+    # pytest, so direct the signal at this (the main) thread, which blocks it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     try:
-        os.kill(os.getpid(), signal.SIGUSR1)  # blocked: stays pending, does not kill us
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # blocked: stays pending
         h = PreemptionHandler(announce=False)
         h.install()
         for _ in range(100):
