@@ -15,8 +15,8 @@ tile's generator too, so a shard can initialise its sparse values without the gl
 
 Tensor-parallel shards hold the part of the global support inside their row block
 (column-parallel) or column block (row-parallel), re-indexed locally; ``select_rows`` and
-``select_cols`` return it, together with the positions of those entries in the global support, so
-every TP size represents the same W.
+``select_cols`` return it from a (possibly already restricted) support, together with the positions
+of those entries in that support, so every TP size represents the same W.
 """
 
 from __future__ import annotations
@@ -98,7 +98,6 @@ def sample_support(out_features: int, in_features: int, density: float, seed: in
                    cols: Optional[Tuple[int, int]] = None) -> SupportSample:
     """The layer's support entries, optionally only those in the given global ``rows`` and/or
     columns [cols[0], cols[1]); only the tiles that intersect them are generated."""
-    numel = out_features * in_features
     counts = tile_counts(out_features, in_features, nnz_for(out_features, in_features, density), seed, name)
     n_tc = -(-in_features // TILE)
     row_mask = None
@@ -132,7 +131,6 @@ def sample_support(out_features: int, in_features: int, density: float, seed: in
         return SupportSample(torch.empty(0, dtype=torch.int64), torch.empty(0))
     idx, u = torch.cat(idx_parts), torch.cat(u_parts)
     order = torch.argsort(idx)
-    assert idx.numel() <= numel
     return SupportSample(idx[order], u[order])
 
 

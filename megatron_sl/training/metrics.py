@@ -4,6 +4,7 @@
 * ``train``: step (1-based count of updates done), loss (mean over the global batch), lr (of that
   update), grad_norm (before clipping), tokens_per_s, consumed_samples, elapsed_s;
 * ``eval``: step, val_loss, val_ppl, val_tokens;
+* ``preempted``: step at which a stop signal ended the run (after its checkpoint was committed);
 * ``summary``: the end-of-run record (also written to ``summary.json``), including optimizer-state
   bytes per parameter.
 Lines are flushed as they are written, so a killed run keeps everything up to its last step.

@@ -202,21 +202,21 @@ class Trainer:
         fresh = self.resumed_from is None
         initial = self._log_eval("before training") if fresh and cfg.eval.at_start and cfg.eval.iters > 0 else None
         progress = Progress(cfg.train.train_iters, self.step, self.rank0 and cfg.run.progress_bar)
-        t_train, losses, evals = 0.0, [], []
+        t_train, losses = 0.0, []
         first_step_s = None
-        preempted = False
+        preempted, ckpt = False, None
         own_handler = handler is None
         handler = PreemptionHandler().install() if own_handler else handler
         try:
             while self.step < cfg.train.train_iters:
-                dt, loss = self._timed_step(progress, evals)
+                dt, loss = self._timed_step(progress)
                 t_train += dt
                 first_step_s = dt if first_step_s is None else first_step_s
                 losses.append(loss)
                 decision = handler.poll()  # collective: every rank stops/saves at the same step
                 periodic = cfg.run.save_interval and self.step % cfg.run.save_interval == 0
                 if decision.stop or decision.save or periodic:
-                    self.save_checkpoint()
+                    ckpt = self.save_checkpoint()
                 if decision.stop:
                     preempted = True
                     break
@@ -227,12 +227,12 @@ class Trainer:
         if preempted:
             self.log(f"[preempted] stop signal: checkpoint at step {self.step} committed; exiting for requeue")
             self.metrics.write("preempted", step=self.step)
-            return self._summary(initial, None, losses, t_train, first_step_s, str(self.ckpt.root), preempted=True)
+            return self._summary(initial, None, losses, t_train, first_step_s, ckpt, preempted=True)
         final = self._log_eval("after training") if cfg.eval.iters > 0 else None
         ckpt = self.save_checkpoint() if cfg.run.save_at_end else None
         return self._summary(initial, final, losses, t_train, first_step_s, ckpt)
 
-    def _timed_step(self, progress, evals):
+    def _timed_step(self, progress):
         """One training step with its metrics, progress and periodic validation; (seconds, loss)."""
         cfg, p = self.cfg, self.plan
         t0 = time.perf_counter()
@@ -246,7 +246,7 @@ class Trainer:
         progress.update(loss, self.engine.lr, tok_s)
         if (cfg.eval.interval and cfg.eval.iters and self.step % cfg.eval.interval == 0
                 and self.step < cfg.train.train_iters):
-            evals.append(self._log_eval("during training"))
+            self._log_eval("during training")
         return dt, loss
 
     def save_checkpoint(self) -> str:
