@@ -11,8 +11,17 @@ Part 2, peak memory at the ``130m`` shape, SL vs dense: each variant in its own 
 above the RSS measured just before the model was built (CPU) or ``torch.cuda.max_memory_allocated``
 (GPU), plus parameter and optimizer-state bytes.
 
-    python benchmarks/bench_train.py                 # both parts, default sizes (CPU: ~10 min)
+Part 3, tensor-parallel communication (``--tp2``): 2 gloo ranks, TP=2, the ``60m`` shape with
+gradient accumulation 4 (micro-batch 1), real ``megatron-sl train`` runs (ZeRO-1) on a small prepared
+corpus: SL with the replicated-factor gradients summed over TP once per step ("after"), SL with them
+all-reduced per part in every micro-batch's backward as before ("before", emulated with per-parameter
+gradient hooks and the once-per-step sum switched off; same numerics), and dense. Reported: median
+step time, tokens/s, and bytes all-reduced per step on the TP group, split into gradient
+reductions and activations/loss.
+
+    python benchmarks/bench_train.py                 # parts 1 and 2, default sizes (CPU: ~10 min)
     python benchmarks/bench_train.py --rounds 5 --presets tiny --memory-preset 130m
+    python benchmarks/bench_train.py --tp2 --no-throughput --no-memory    # part 3 only (CPU: ~5 min)
 
 Single rank (world size 1, gloo on CPU / nccl on GPU). Results are for the device printed in the
 header; on CPU they measure this machine's CPU kernels, not GPU behaviour.
@@ -237,7 +246,106 @@ def print_memory(device_name, mem):
                   f"{m['peak_mb']/dense:.2f}x |")
 
 
+TP2_MODES = ("sl_after", "sl_before", "dense")
+
+
+def tp2_worker(spec_path: str) -> int:
+    """One rank of part 3: the three runs in one process group; rank 0 writes the results."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from megatron_sl.parallel.grad_sync import partial_tp_grad_params
+    from megatron_sl.training.config import load_config
+    from megatron_sl.training.distributed import rank_env as env_of, silence_known_warnings
+    from megatron_sl.training.trainer import Trainer
+    from megatron_sl.training.validate import make_plan
+
+    silence_known_warnings()
+    spec = json.loads(Path(spec_path).read_text())
+    results = {}
+    for mode in spec["modes"]:
+        overrides = spec["overrides"] + [f"run.output_dir={spec['out']}/{mode}",
+                                         f"model.variant={'dense' if mode == 'dense' else 'sl'}"]
+        cfg = load_config(None, overrides)
+        trainer = Trainer(cfg, make_plan(cfg, env_of().world_size, check_outputs=False))
+        if mode == "sl_before":  # the previous behaviour: every part's partial gradient, every micro-batch
+            trainer.engine._sum_partial_grads_over_tp = lambda: 0
+            def per_microbatch_sum(grad, _group=trainer.tp_group):
+                grad = grad.clone()
+                dist.all_reduce(grad, group=_group)
+                return grad
+
+            for prm in partial_tp_grad_params(trainer.engine.module):
+                prm.register_hook(per_microbatch_sum)
+        tally = {"grad_bytes": 0, "act_bytes": 0, "grad_calls": 0, "act_calls": 0}
+        original = dist.all_reduce
+
+        def counted(tensor, *a, _orig=original, **kw):
+            if kw.get("group", a[1] if len(a) > 1 else None) is trainer.tp_group:
+                kind = "grad" if tensor.dim() <= 2 and tensor.numel() > 2 else "act"
+                tally[f"{kind}_bytes"] += tensor.numel() * tensor.element_size()
+                tally[f"{kind}_calls"] += 1
+            return _orig(tensor, *a, **kw)
+
+        dist.all_reduce = counted
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = trainer.run()
+        finally:
+            dist.all_reduce = original
+        steps = summary["steps"]
+        recs = [json.loads(line) for line in (Path(spec["out"]) / mode / "metrics.jsonl").read_text().splitlines()]
+        times = [r["step_time_s"] for r in recs if r["kind"] == "train"][1:]  # first step: warm-up
+        results[mode] = {"step_s": statistics.median(times), "tokens_per_s": summary["tokens_per_s"],
+                         "params": summary["params"], **{k: v / steps for k, v in tally.items()}}
+        del trainer
+    if env_of().rank == 0:
+        Path(spec["out"], "tp2.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def tp2(args) -> dict:
+    """Part 3: prepare a small corpus, run the TP=2 worker under torchrun, return its results."""
+    import tempfile
+
+    from megatron_sl.training.data import prepare_demo_data
+
+    out = Path(tempfile.mkdtemp(prefix="bench_tp2_"))
+    data = prepare_demo_data(out / "data", vocab_size=512, sources=("pydoc",))
+    overrides = ["model.preset=60m", f"model.seq_length={args.tp2_seq}", "model.vocab_size=32000",
+                 f"data.prefix={data.prefix}", f"data.tokenizer={data.tokenizer_model}", "parallel.tensor_parallel=2",
+                 "train.micro_batch_size=1", "train.global_batch_size=4", f"train.train_iters={args.tp2_steps}",
+                 "deepspeed.zero_stage=1", "eval.iters=0", "eval.at_start=false", "run.save_at_end=false",
+                 "run.progress_bar=false", "launch.nproc_per_node=2"]
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"modes": list(TP2_MODES), "overrides": overrides, "out": str(out)}))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).resolve()), "--tp2-worker", str(spec)], env=env, cwd=REPO)
+    if proc.returncode:
+        raise RuntimeError(f"TP=2 benchmark worker failed with exit code {proc.returncode}")
+    return json.loads((out / "tp2.json").read_text())
+
+
+def print_tp2(res: dict, args) -> None:
+    print(f"\n## TP=2 communication: 60m shape (seq {args.tp2_seq}), 2 gloo ranks, micro 1 x GA 4, ZeRO-1, "
+          f"{args.tp2_steps} steps (median step time without the first)")
+    print("| run | step s | tokens/s | vs dense | TP grad all-reduces / step | TP grad MiB / step | "
+          "TP activation+loss MiB / step |")
+    print("|---|---|---|---|---|---|---|")
+    dense = res["dense"]["tokens_per_s"]
+    for mode in TP2_MODES:
+        r = res[mode]
+        print(f"| {mode} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / dense:.3f} | "
+              f"{r['grad_calls']:.0f} | {r['grad_bytes'] / 2**20:.2f} | {r['act_bytes'] / 2**20:.2f} |")
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--tp2-worker":
+        return tp2_worker(sys.argv[2])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "60m"])
     p.add_argument("--rounds", type=int, default=5)
@@ -250,6 +358,9 @@ def main() -> int:
     p.add_argument("--memory-steps", type=int, default=2)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-throughput", action="store_true")
+    p.add_argument("--tp2", action="store_true", help="part 3: TP=2 communication, before/after, SL vs dense")
+    p.add_argument("--tp2-steps", type=int, default=6)
+    p.add_argument("--tp2-seq", type=int, default=256)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="sl", help=argparse.SUPPRESS)
@@ -274,8 +385,12 @@ def main() -> int:
     if not args.no_memory:
         mem = memory(args, device)
     print_tables(name, rows, mem)
+    comm = tp2(args) if args.tp2 else None
+    if comm:
+        print_tp2(comm, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "throughput": rows, "memory": mem}, indent=1))
+        Path(args.json).write_text(json.dumps({"device": name, "throughput": rows, "memory": mem, "tp2": comm},
+                                              indent=1))
     return 0
 
 

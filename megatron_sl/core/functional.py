@@ -8,10 +8,10 @@ between forward and backward -- backward recomputes what it needs. Two paths, pi
 * dense:    W = densify(B, A, values); y = F.linear(x, W). Backward recomputes W.
 * factored: y = s·(x Aᵀ) Bᵀ + x Sᵀ with CSR sparse products; backward recomputes x Aᵀ.
 
-Tensor parallelism: a factor replicated across TP ranks (A for column-parallel, B for
-row-parallel layers) receives a partial gradient on each rank; pass ``reduce_group`` and
-``replicated`` and the Function all-reduces (sums) that gradient over the group itself, so no
-caller or optimizer has to remember it.
+Tensor parallelism: the Functions issue no collective. A factor replicated across TP ranks (A of
+column-parallel, B of row-parallel layers) gets this rank's partial gradient; the tensor-parallel
+layers tag it and the sum over TP happens once per optimizer step, coalesced
+(``megatron_sl.parallel.grad_sync``), like megatron-core's ``finalize_model_grads``.
 
 The ``densify``, ``values_grad`` and ``sddmm`` primitives are looked up in ``OPS`` so that
 ``megatron_sl.kernels`` can install its Triton-backed custom ops without core importing it.
@@ -23,7 +23,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import cost_model
@@ -147,34 +146,31 @@ def _spmm_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Ten
     return out
 
 
-def _reduce(grad, group):
-    if grad is not None and group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(grad, group=group)
-    return grad
+# ----------------------------------------------------------------------------- math of both paths
+# Plain functions (no autograd), shared by the Functions below and by layers that wrap several SL
+# products in one Function of their own (e.g. the sequence-parallel column layer, which saves only
+# its sequence shard and gathers the input again in backward).
+
+def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None):
+    """y = x (s·B A + S)ᵀ (+ bias) for x [T, in], on ``path`` ("dense" or "factored")."""
+    if path == "dense":
+        W = OPS["densify"](B, A, values, layout.flat(x.device), scale)
+        return F.linear(x, W, bias)
+    y = torch.mm(x @ A.t(), B.t()).mul_(scale)
+    if layout.nnz:
+        _spmm_accumulate(y, layout, values, x, transpose=False)
+    return y if bias is None else y + bias
 
 
-# ----------------------------------------------------------------------------- Functions
-
-class SLDenseFunction(torch.autograd.Function):
-    """Dense materialisation with recompute in backward."""
-
-    @staticmethod
-    def forward(ctx, x, B, A, values, bias, layout, scale, reduce_group, replicated):
-        idx = layout.flat(x.device)
-        W = OPS["densify"](B, A, values, idx, scale)
-        y = F.linear(x, W, bias)
-        ctx.save_for_backward(x, B, A, values)
-        ctx.layout, ctx.scale, ctx.group, ctx.replicated = layout, scale, reduce_group, replicated
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, B, A, values = ctx.saved_tensors
-        s, layout = ctx.scale, ctx.layout
-        need_x, need_B, need_A, need_v, need_b = ctx.needs_input_grad[:5]
-        dy = dy.contiguous()
-        dx = dB = dA = dv = db = None
+def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
+                  needs=(True, True, True, True)):
+    """(dx, dB, dA, dvalues) for dy [T, out] and the saved x [T, in]; entries whose ``needs`` flag
+    (x, B, A, values) is False are None. Nothing with out x in elements outlives this call."""
+    need_x, need_B, need_A, need_v = needs
+    s = scale
+    dy = dy.contiguous()
+    dx = dB = dA = dv = None
+    if path == "dense":
         if need_x:
             dx = dy @ OPS["densify"](B, A, values, layout.flat(x.device), s)
         if need_B or need_A or need_v:
@@ -186,74 +182,99 @@ class SLDenseFunction(torch.autograd.Function):
             if need_A:
                 dA = torch.mm(B.t(), G).mul_(s)
             del G
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
-        if ctx.replicated == "A":
-            _reduce(dA, ctx.group)
-        elif ctx.replicated == "B":
-            _reduce(dB, ctx.group)
-        return dx, dB, dA, dv, db, None, None, None, None
+        return dx, dB, dA, dv
+    dz = torch.mm(dy, B).mul_(s) if (need_x or need_A) else None
+    if need_B:
+        dB = torch.mm(dy.t(), x @ A.t()).mul_(s)
+    if need_A:
+        dA = dz.t() @ x
+    if need_x:
+        dx = dz @ A
+        if layout.nnz:
+            _spmm_accumulate(dx, layout, values, dy, transpose=True)
+    if need_v:
+        dv = OPS["sddmm"](dy, x, layout).to(values.dtype) if layout.nnz else torch.zeros_like(values)
+    return dx, dB, dA, dv
 
 
-class SLFactoredFunction(torch.autograd.Function):
-    """y = s·(x Aᵀ) Bᵀ + x Sᵀ without ever forming an out x in tensor."""
+def choose(path: str, tokens: int, layout: "SupportLayout", rank: int, device_type: str) -> str:
+    """Resolve "auto" with the cost model; validate an explicit path."""
+    if path == "auto":
+        m, n = layout.shape
+        return cost_model.choose_path(tokens, m, n, rank, layout.nnz, device_type)
+    if path not in ("dense", "factored"):
+        raise ValueError(f"path={path!r} is not one of 'auto', 'dense', 'factored'")
+    return path
+
+
+# ----------------------------------------------------------------------------- Functions
+
+class _SLFunction(torch.autograd.Function):
+    """Saves x, B, A, values (never W, never a scaled copy of A); backward recomputes the rest."""
+
+    PATH = ""
 
     @staticmethod
-    def forward(ctx, x, B, A, values, bias, layout, scale, reduce_group, replicated):
-        y = torch.mm(x @ A.t(), B.t()).mul_(scale)
-        if layout.nnz:
-            _spmm_accumulate(y, layout, values, x, transpose=False)
-        if bias is not None:
-            y = y + bias
+    def forward(ctx, x, B, A, values, bias, layout, scale):
+        raise NotImplementedError
+
+    @classmethod
+    def _forward(cls, ctx, x, B, A, values, bias, layout, scale):
+        y = forward_math(cls.PATH, x, B, A, values, layout, scale, bias)
         ctx.save_for_backward(x, B, A, values)
-        ctx.layout, ctx.scale, ctx.group, ctx.replicated = layout, scale, reduce_group, replicated
+        ctx.layout, ctx.scale = layout, scale
         ctx.has_bias = bias is not None
         return y
 
+    @classmethod
+    def _backward(cls, ctx, dy):
+        x, B, A, values = ctx.saved_tensors
+        need_b = ctx.needs_input_grad[4]
+        dx, dB, dA, dv = backward_math(cls.PATH, dy, x, B, A, values, ctx.layout, ctx.scale,
+                                       tuple(ctx.needs_input_grad[:4]))
+        db = dy.sum(0) if (need_b and ctx.has_bias) else None
+        return dx, dB, dA, dv, db, None, None
+
+
+class SLDenseFunction(_SLFunction):
+    """Dense materialisation of W in forward and again in backward (never saved)."""
+
+    PATH = "dense"
+
+    @staticmethod
+    def forward(ctx, x, B, A, values, bias, layout, scale):
+        return SLDenseFunction._forward(ctx, x, B, A, values, bias, layout, scale)
+
     @staticmethod
     def backward(ctx, dy):
-        x, B, A, values = ctx.saved_tensors
-        s, layout = ctx.scale, ctx.layout
-        need_x, need_B, need_A, need_v, need_b = ctx.needs_input_grad[:5]
-        dy = dy.contiguous()
-        dx = dB = dA = dv = db = None
-        dz = torch.mm(dy, B).mul_(s) if (need_x or need_A) else None
-        if need_B:
-            dB = torch.mm(dy.t(), x @ A.t()).mul_(s)
-        if need_A:
-            dA = dz.t() @ x
-        if need_x:
-            dx = dz @ A
-            if layout.nnz:
-                _spmm_accumulate(dx, layout, values, dy, transpose=True)
-        if need_v:
-            dv = OPS["sddmm"](dy, x, layout).to(values.dtype) if layout.nnz else torch.zeros_like(values)
-        if need_b and ctx.has_bias:
-            db = dy.sum(0)
-        if ctx.replicated == "A":
-            _reduce(dA, ctx.group)
-        elif ctx.replicated == "B":
-            _reduce(dB, ctx.group)
-        return dx, dB, dA, dv, db, None, None, None, None
+        return SLDenseFunction._backward(ctx, dy)
+
+
+class SLFactoredFunction(_SLFunction):
+    """y = s·(x Aᵀ) Bᵀ + x Sᵀ without ever forming an out x in tensor."""
+
+    PATH = "factored"
+
+    @staticmethod
+    def forward(ctx, x, B, A, values, bias, layout, scale):
+        return SLFactoredFunction._forward(ctx, x, B, A, values, bias, layout, scale)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return SLFactoredFunction._backward(ctx, dy)
 
 
 FUNCTIONS = {"dense": SLDenseFunction, "factored": SLFactoredFunction}
 
 
 def sl_linear(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, layout: SupportLayout,
-              scale: float, bias: Optional[torch.Tensor] = None, path: str = "auto",
-              reduce_group=None, replicated: Optional[str] = None) -> torch.Tensor:
+              scale: float, bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
     """y = x (scale·B A + S)ᵀ + bias for x of shape [..., in]; returns [..., out]."""
     m, n = layout.shape
     if x.shape[-1] != n:
         raise ValueError(f"input has {x.shape[-1]} features, the SL layer expects {n}")
-    if replicated not in (None, "A", "B"):
-        raise ValueError(f"replicated={replicated!r} must be None, 'A' or 'B'")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
-    if path == "auto":
-        path = cost_model.choose_path(x2.shape[0], m, n, A.shape[0], layout.nnz, x.device.type)
-    if path not in FUNCTIONS:
-        raise ValueError(f"path={path!r} is not one of 'auto', 'dense', 'factored'")
-    y = FUNCTIONS[path].apply(x2, B, A, values, bias, layout, float(scale), reduce_group, replicated)
+    path = choose(path, x2.shape[0], layout, A.shape[0], x.device.type)
+    y = FUNCTIONS[path].apply(x2, B, A, values, bias, layout, float(scale))
     return y.reshape(*lead, m)

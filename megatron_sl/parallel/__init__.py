@@ -3,7 +3,9 @@
 Owns everything that touches megatron-core's layers: the TP-sharded SL linears for the four
 linear slots (``layers``, built from per-matrix ``shard``s laid out by ``layout`` and named by
 ``naming``), the sequence-parallel RMSNorm (``norm``), the LLaMA layer specs (``spec``), the model
-variants (``variants``) and the CPU shims megatron needs without CUDA (``cpu_shims``). Builds on
+variants (``variants``), the once-per-step TP summation of partial gradients of replicated
+parameters (``grad_sync``: ``finalize_sl_grads``) and the CPU shims megatron needs without CUDA
+(``cpu_shims``). Builds on
 ``megatron_sl.core`` and ``megatron_sl.kernels``.
 
 Exports are resolved lazily, so importing a megatron-free submodule (``layout``, ``variants``)
@@ -17,6 +19,8 @@ _EXPORTS = {
     "get_gpt_layer_sl_spec": "spec", "get_gpt_decoder_block_sl_spec": "spec",
     "VARIANTS": "variants", "variant_sl_config": "variants",
     "apply_cpu_shims": "cpu_shims", "seed_model_parallel": "cpu_shims",
+    "finalize_sl_grads": "grad_sync", "mark_partial_tp_grad": "grad_sync", "is_partial_tp_grad": "grad_sync",
+    "partial_tp_grad_params": "grad_sync",
 }
 
 __all__ = sorted(_EXPORTS)

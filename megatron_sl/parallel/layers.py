@@ -14,17 +14,17 @@ Sharding and gradients:
 
 * column-parallel: B, S and the bias are split by output rows, A is replicated. The input is
   all-gathered along the sequence (sequence parallel) or entered with
-  ``copy_to_tensor_model_parallel_region`` (dX all-reduced); ``sl_linear(..., replicated="A",
-  reduce_group=tp)`` sums dA over TP inside the op.
+  ``copy_to_tensor_model_parallel_region`` (dX all-reduced).
 * row-parallel: A and S are split by input columns, B and the bias are replicated. The partial
-  output is all-reduced (or reduce-scattered along the sequence); dB is summed over TP inside the
-  op (``replicated="B"``). Under sequence parallel each rank adds the bias to its own tokens only,
-  so the bias enters through ``copy_to_tensor_model_parallel_region`` and its gradient is summed
-  over TP in backward as well.
+  output is all-reduced (or reduce-scattered along the sequence).
 
-So every gradient is complete when backward returns: no parameter is tagged ``sequence_parallel``
-and replicated parameters carry no ``tensor_model_parallel`` tag; nothing downstream (megatron's
-``finalize_model_grads``, DeepSpeed) must reduce them again, and grad norms count them once.
+A replicated factor (A of a column part, B of a row part) gets this rank's partial gradient: it is
+tagged with ``grad_sync.mark_partial_tp_grad`` and summed over TP once per optimizer step
+(``grad_sync.finalize_sl_grads``; the training engines do it), not in every backward. So backward
+issues exactly the collectives of megatron's ColumnParallelLinear / RowParallelLinear. Under
+sequence parallel each rank adds the row-parallel bias to its own tokens only, so that bias is
+tagged the same way. Replicated parameters carry no ``tensor_model_parallel`` tag, so grad norms
+count them once.
 ``init_method`` is accepted but unused: SL parameters follow the paper's init (see ``shard``).
 """
 
@@ -39,7 +39,6 @@ from torch import nn
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -48,11 +47,13 @@ from megatron.core.tensor_parallel.mappings import (
 
 from megatron_sl.core.config import SLConfig
 
+from .grad_sync import mark_partial_tp_grad
 from .layout import glu_layout, local_rows, qkv_layout, single_layout
 from .naming import resolve_layer_name
 from .shard import SLShard
 
 from megatron_sl.kernels import sl_linear  # core's op with the kernel-dispatching primitives installed
+from megatron_sl.core.functional import backward_math, choose, forward_math
 
 SINGLE_PART_NAMES = {"proj": "o", "fc1": "up", "fc2": "down"}
 
@@ -86,6 +87,67 @@ def _check_common(sl_config, is_expert, cls_name):
         raise ValueError(f"{cls_name}: is_expert=True (MoE experts) is not supported")
 
 
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[s/tp, ...] on every rank -> [s, ...] (rank order), as megatron's sequence-parallel gather."""
+    out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """[s, ...] partial sums on every rank -> this rank's [s/tp, ...] of the sum."""
+    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class _SequenceParallelColumnSL(torch.autograd.Function):
+    """All SL parts of one column-parallel layer under sequence parallelism, in one Function.
+
+    Like megatron-core's ColumnParallelLinear with ``sequence_parallel``: forward all-gathers the
+    sequence-sharded input [s/tp, b, in] and computes every part; only the local shard is saved,
+    backward all-gathers it again, and the input gradient summed over the parts is reduce-scattered
+    back to [s/tp, b, in]. Each part's outputs go straight to their columns of megatron's local
+    layout (``positions``), so no permutation index is saved either.
+    """
+
+    @staticmethod
+    def forward(ctx, x_local, group, parts, scale, path, out_features, *params):
+        x_full = _all_gather_seq(x_local, group)
+        lead = x_full.shape[:-1]
+        x2 = x_full.reshape(-1, x_full.shape[-1])
+        y = x2.new_empty((x2.shape[0], out_features))
+        paths = []
+        for i, (layout, positions) in enumerate(parts):
+            B, A, values = params[3 * i:3 * i + 3]
+            pth = choose(path, x2.shape[0], layout, A.shape[0], x2.device.type)
+            paths.append(pth)
+            y.index_copy_(1, positions, forward_math(pth, x2, B, A, values, layout, scale))
+        ctx.save_for_backward(x_local, *params)
+        ctx.group, ctx.parts, ctx.scale, ctx.paths = group, parts, scale, paths
+        return y.reshape(*lead, out_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_local, *params = ctx.saved_tensors
+        x_full = _all_gather_seq(x_local, ctx.group)
+        lead = x_full.shape[:-1]
+        x2 = x_full.reshape(-1, x_full.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, grads = None, []
+        for i, ((layout, positions), pth) in enumerate(zip(ctx.parts, ctx.paths)):
+            B, A, values = params[3 * i:3 * i + 3]
+            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[6 + 3 * i:9 + 3 * i])
+            dxi, dB, dA, dv = backward_math(pth, dy2.index_select(1, positions), x2, B, A, values, layout,
+                                            ctx.scale, needs)
+            if dxi is not None:
+                dx = dxi if dx is None else dx.add_(dxi)
+            grads += [dB, dA, dv]
+        if dx is not None:
+            dx = _reduce_scatter_seq(dx.reshape(*lead, dx.shape[-1]), ctx.group)
+        return (dx, None, None, None, None, None, *grads)
+
+
 class SLColumnParallelLinear(nn.Module):
     """Column-parallel SL linear: Y_local = X · W[local rows]ᵀ (+ bias), W = s·B A + S per part.
 
@@ -114,10 +176,17 @@ class SLColumnParallelLinear(nn.Module):
         self.global_rows = local.global_rows
         dtype, device = config.params_dtype, _param_device(config)
         self.register_buffer("perm", None if local.perm is None else local.perm.to(device), persistent=False)
+        # where each part's outputs sit in the local layout (inverse of ``perm`` over the part blocks)
+        cat_order = torch.arange(self.global_rows.numel()) if local.perm is None else torch.argsort(local.perm)
+        sizes = [int(r.numel()) for r in local.rows]
+        for (name, _), pos in zip(self.fused.parts, torch.split(cat_order, sizes)):
+            self.register_buffer(f"positions_{name}", pos.to(device), persistent=False)
         self.parts = nn.ModuleDict({
             name: SLShard(f"{self.layer_name}.{name}", size, input_size, sl_config, rows=rows, dtype=dtype,
                           device=device)
             for (name, size), rows in zip(self.fused.parts, local.rows)})
+        for p in self.parts.values():
+            mark_partial_tp_grad(p.A, self.tp_group if self.tp_size > 1 else None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.global_rows.numel(), dtype=dtype, device=device))
             self.bias.tensor_model_parallel, self.bias.partition_dim, self.bias.partition_stride = True, 0, stride
@@ -150,13 +219,20 @@ class SLColumnParallelLinear(nn.Module):
             raise ValueError("SLColumnParallelLinear has no dense weight; forward(weight=...) is not supported")
         group = self.tp_group if self.tp_size > 1 else None
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(input_, group=group)
-        elif group is not None:
+            parts = list(self.parts.values())
+            params = [t for p in parts for t in (p.B, p.A, p.values)]
+            y = _SequenceParallelColumnSL.apply(
+                input_, group, [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()], self.scale,
+                self.sl_config.path, self.global_rows.numel(), *params)
+            if self.bias is not None and not self.skip_bias_add:
+                y = y + self.bias
+            return y, (self.bias if self.skip_bias_add else None)
+        if group is not None:
             x = copy_to_tensor_model_parallel_region(input_, group=group)
         else:
             x = input_
-        ys = [sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path,
-                        reduce_group=group, replicated="A") for p in self.parts.values()]
+        ys = [sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path)
+              for p in self.parts.values()]
         y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
         if self.perm is not None:
             y = y.index_select(-1, self.perm)
@@ -221,8 +297,11 @@ class SLRowParallelLinear(nn.Module):
         part = SINGLE_PART_NAMES.get(tp_comm_buffer_name, "w")
         self.parts = nn.ModuleDict({part: SLShard(f"{self.layer_name}.{part}", output_size, input_size, sl_config,
                                                   cols=self.cols, dtype=dtype, device=device)})
+        mark_partial_tp_grad(self.parts[part].B, self.tp_group if self.tp_size > 1 else None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
+            if self.sequence_parallel:
+                mark_partial_tp_grad(self.bias, self.tp_group)
         else:
             self.register_parameter("bias", None)
 
@@ -236,15 +315,12 @@ class SLRowParallelLinear(nn.Module):
         if group is not None and not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(input_, group=group)
         (p,) = self.parts.values()
-        y = sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path,
-                      reduce_group=group, replicated="B")
+        y = sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, group=group)
         elif group is not None:
             y = reduce_from_tensor_model_parallel_region(y, group=group)
         bias = self.bias
-        if bias is not None and self.sequence_parallel:
-            bias = copy_to_tensor_model_parallel_region(bias, group=group)  # dbias summed over TP in backward
         if self.skip_bias_add:
             return y, bias
         return (y if bias is None else y + bias), None

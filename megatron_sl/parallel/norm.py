@@ -2,10 +2,8 @@
 
 megatron's local spec wraps ``torch.nn.RMSNorm`` and refuses sequence parallelism. Under sequence
 parallel each TP rank normalises only its own tokens, so the weight's gradient on one rank is
-partial; here the weight enters the op through ``copy_to_tensor_model_parallel_region`` (identity
-forward, all-reduce backward), so its gradient is already summed over TP when backward returns.
-Like the SL linears, the weight is therefore NOT tagged ``sequence_parallel`` and nothing
-downstream (``finalize_model_grads``, DeepSpeed) may reduce it again.
+partial: it is tagged with ``grad_sync.mark_partial_tp_grad`` and summed over TP once per optimizer
+step with the SL factors (not per micro-batch).
 """
 
 from __future__ import annotations
@@ -14,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
-
+from .grad_sync import mark_partial_tp_grad
 from .layers import _param_device, _tp_size_rank, resolve_tp_group
 
 
@@ -32,12 +29,11 @@ class SLRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=_param_device(config)))
         self.tp_group = resolve_tp_group(None)
         self.sequence_parallel = bool(config.sequence_parallel) and _tp_size_rank(self.tp_group)[0] > 1
+        if self.sequence_parallel:
+            mark_partial_tp_grad(self.weight, self.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if self.sequence_parallel:
-            w = copy_to_tensor_model_parallel_region(w, group=self.tp_group)
-        return F.rms_norm(x, (self.hidden_size,), w, self.eps)
+        return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, sequence_parallel={self.sequence_parallel}"

@@ -3,6 +3,13 @@ groups (``MegatronMPU``), a client optimizer (torch AdamW or bitsandbytes AdamW8
 TP-sharded / TP-replicated param groups) and our warmup-cosine schedule as a LambdaLR, which
 DeepSpeed steps at each gradient-accumulation boundary and stores in its checkpoints.
 
+TP-partial gradients (the replicated SL factors, and norms under sequence parallelism; see
+``megatron_sl.parallel.grad_sync``) accumulate locally over the micro-batches and are summed over
+the TP group once per optimizer step, at the accumulation boundary, before DeepSpeed computes the
+norm, clips and steps: on the parameters' ``.grad`` at ZeRO-0, and on the reduced gradient
+partition of the partial-gradient param group(s) at ZeRO-1/2/3 (that partition holds nothing else
+and has the same layout on every TP rank, so one coalesced all-reduce per bucket sums it).
+
 The training loop talks to this class and to ``PerLayerEngine`` through the same small surface:
 ``forward``, ``backward(loss)`` (loss of one micro-batch; scaled by 1/GA inside), ``step()``
 (after every micro-batch; updates only at the boundary), ``grad_norm``/``lr`` of the last update,
@@ -23,9 +30,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from .config import TrainConfig
 from .distributed import import_deepspeed
 from .ds_config import render_ds_config
+from ..parallel.grad_sync import allreduce_coalesced_, finalize_sl_grads
 from .grads import global_norm, squared_norm_parts
 from .mpu import MegatronMPU
-from .optim import make_optimizer, param_groups, state_bytes
+from .optim import is_partial_group, make_optimizer, param_groups, state_bytes
 from .schedule import WarmupCosine
 from .validate import Plan
 
@@ -38,8 +46,12 @@ class DeepSpeedTrainEngine:
         self._deepspeed = deepspeed
         self.ds_config = render_ds_config(cfg, plan)
         self.zero_stage = cfg.deepspeed.zero_stage
-        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        optimizer = make_optimizer(groups, cfg.optim)
         self.client_optimizer = optimizer
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.partial_groups = [i for i, g in enumerate(optimizer.param_groups) if is_partial_group(g)]
+        self.tp_reductions = 0  # all-reduce calls issued for TP-partial gradients (for tests / benchmarks)
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, mpu=MegatronMPU(),
             lr_scheduler=lambda opt: LambdaLR(opt, schedule.lr_lambda))
@@ -61,6 +73,7 @@ class DeepSpeedTrainEngine:
         boundary = self.engine.is_gradient_accumulation_boundary()
         own_norm = None
         if boundary:
+            self.tp_reductions += self._sum_partial_grads_over_tp()
             self.lr = float(self.engine.get_lr()[0])
             if self.zero_stage == 0:  # DeepSpeed clips at stage 0 but does not keep the norm
                 own_norm = global_norm(squared_norm_parts(self.engine.module.parameters()),
@@ -70,6 +83,26 @@ class DeepSpeedTrainEngine:
             norm = self.engine.get_global_grad_norm()
             self.grad_norm = float(norm) if norm is not None else own_norm
         return boundary
+
+    def _sum_partial_grads_over_tp(self) -> int:
+        """Sum the accumulated TP-partial gradients over TP (once per step); returns the calls issued."""
+        if not self.partial_groups or dist.get_world_size(self.tp_group) == 1:
+            return 0
+        if self.zero_stage == 0:  # gradients live on the parameters (DeepSpeed has DP-averaged them)
+            return finalize_sl_grads(self.engine.module, self.tp_group)
+        opt = self.engine.optimizer  # the ZeRO optimizer: reduced gradient partitions per (sub-)group
+        if self.zero_stage == 3:
+            ids = [s for s, g in sorted(opt.sub_group_to_group_id.items()) if g in self.partial_groups]
+        else:
+            ids = self.partial_groups
+        tensors = []
+        for i in ids:
+            part = opt.averaged_gradients[i]
+            if part is None:
+                raise RuntimeError(f"ZeRO-{self.zero_stage}: no reduced gradient partition for param group {i} at the "
+                                   "accumulation boundary; cannot sum TP-partial gradients")
+            tensors += list(part) if isinstance(part, (list, tuple)) else [part]
+        return allreduce_coalesced_(tensors, self.tp_group)
 
     def train(self):
         self.engine.train()

@@ -57,24 +57,22 @@ def dp_average_(grad: torch.Tensor, dp_group: Optional[dist.ProcessGroup]) -> No
         grad.mul_(1.0 / n)
 
 
-def install_sequence_parallel_grad_sync(model: torch.nn.Module, tp_group) -> int:
-    """Sum gradients of ``sequence_parallel``-tagged replicated parameters over TP, per micro-batch.
+def mark_sequence_parallel_params(model: torch.nn.Module, tp_group) -> int:
+    """Tag megatron's ``sequence_parallel`` replicated parameters as TP-partial.
 
-    Under sequence parallelism a replicated parameter applied to sequence-sharded activations
-    (the norms) sees only its rank's tokens; megatron sums these gradients in
-    ``finalize_model_grads``, which DeepSpeed does not call. A tensor hook reduces each micro-batch's
-    contribution before it is accumulated, so gradient accumulation and ZeRO's own hooks see the
-    full gradient. Returns the number of parameters hooked.
+    Under sequence parallelism a replicated parameter applied to sequence-sharded activations sees
+    only its rank's tokens; megatron sums these gradients in ``finalize_model_grads``, which
+    DeepSpeed does not call. Tagged, they are summed over TP once per step with the SL factors
+    (``megatron_sl.parallel.grad_sync``). Our own layers tag theirs already. Returns the number tagged.
     """
+    from ..parallel.grad_sync import is_partial_tp_grad, mark_partial_tp_grad
+
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return 0
     n = 0
     for p in model.parameters():
-        if p.requires_grad and getattr(p, "sequence_parallel", False) and not is_tp_sharded(p):
-            def _sum(g, _group=tp_group):
-                g = g.clone()
-                dist.all_reduce(g, group=_group)
-                return g
-            p.register_hook(_sum)
+        if (p.requires_grad and getattr(p, "sequence_parallel", False) and not is_tp_sharded(p)
+                and not is_partial_tp_grad(p)):
+            mark_partial_tp_grad(p, tp_group)
             n += 1
     return n

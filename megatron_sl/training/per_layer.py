@@ -16,6 +16,10 @@ What the SLTrain/GaLore research code gets wrong and what this does instead:
   fused multi-tensor temporaries); set ``optim.clip_grad=0`` for the full optimizer-in-backward
   saving (gradients freed as soon as each is final).
 * The schedule advances once per update (not once per micro-batch or per parameter).
+* TP-partial gradients (replicated SL factors; norms under sequence parallelism; see
+  ``megatron_sl.parallel.grad_sync``) are summed over TP once per update, coalesced: without
+  clipping, per transformer layer -- the layer's bucket is all-reduced as soon as its last partial
+  gradient is final, then its parameters step; with clipping, all of them before the norm.
 
 Each parameter has its own optimizer (torch AdamW or bitsandbytes AdamW8bit over ``[p]``), so the
 TP-sharded / replicated separation needed for 8-bit states holds trivially. DeepSpeed is not used:
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from ..parallel.grad_sync import allreduce_coalesced_, is_partial_tp_grad, tp_group_of
 from .config import TrainConfig
 from .grads import clip_coefficient, dp_average_, global_norm, squared_norm_parts
 from .optim import is_no_decay, make_optimizer, state_bytes
@@ -64,6 +69,17 @@ class PerLayerEngine:
                                 "name": n}], cfg.optim)
             for n, p in self.named}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for _, p in self.named]
+        # TP-partial parameters, bucketed per transformer layer ("decoder.layers.N."), the rest in one bucket
+        self.buckets: Dict[str, list] = {}
+        self.bucket_of: Dict[torch.nn.Parameter, str] = {}
+        for n, p in self.named:
+            if is_partial_tp_grad(p):
+                key = _layer_prefix(n)
+                self.buckets.setdefault(key, []).append(p)
+                self.bucket_of[p] = key
+        self.partial_group = tp_group_of(list(self.bucket_of), self.tp_group) if self.bucket_of else None
+        self._ready: Dict[str, list] = {}
+        self.tp_reductions = 0  # all-reduce calls issued for TP-partial gradients (for tests / benchmarks)
         self.micro_steps = 0
         self.global_steps = 0
         self._boundary = False
@@ -85,6 +101,8 @@ class PerLayerEngine:
             if self.clip > 0:
                 self._clipped_update()
             else:
+                for key in list(self._ready):  # a bucket some of whose parameters got no gradient
+                    self._flush_bucket(key)
                 self.grad_norm = global_norm(self._sq, self.tp_group)
 
     def step(self) -> bool:
@@ -114,8 +132,22 @@ class PerLayerEngine:
         dp_average_(p.grad, self.dp_group)
         if self.clip > 0:
             return  # phase 2 after backward, once the global norm is known
+        key = self.bucket_of.get(p)
+        if key is not None:  # wait for the layer's other partial gradients, then sum them over TP at once
+            ready = self._ready.setdefault(key, [])
+            ready.append(p)
+            if len(ready) == len(self.buckets[key]):
+                self._flush_bucket(key)
+            return
         self._sq += squared_norm_parts([p], device=self.device)
         self._update(p)
+
+    def _flush_bucket(self, key: str) -> None:
+        params = self._ready.pop(key)
+        self.tp_reductions += allreduce_coalesced_([p.grad for p in params], self.partial_group)
+        for p in params:
+            self._sq += squared_norm_parts([p], device=self.device)
+            self._update(p)
 
     def _update(self, p: torch.nn.Parameter) -> None:
         opt = self.optimizers[p]
@@ -126,6 +158,9 @@ class PerLayerEngine:
 
     def _clipped_update(self) -> None:
         params = [p for _, p in self.named if p.grad is not None]
+        partial = [p.grad for p in params if p in self.bucket_of]
+        if partial:
+            self.tp_reductions += allreduce_coalesced_(partial, self.partial_group)
         self.grad_norm = global_norm(squared_norm_parts(params, device=self.device), self.tp_group)
         coef = clip_coefficient(self.grad_norm, self.clip)
         for p in params:
@@ -152,3 +187,12 @@ class PerLayerEngine:
         for n, p in self.named:
             self.optimizers[p].load_state_dict(state["optimizer_states"][n])
         self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
+
+
+def _layer_prefix(name: str) -> str:
+    """``decoder.layers.3.mlp.linear_fc1.parts.up.A`` -> ``decoder.layers.3.``; other names -> ``""``."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == "layers" and parts[i + 1].isdigit():
+            return ".".join(parts[:i + 2]) + "."
+    return ""

@@ -117,9 +117,9 @@ class Trainer:
         assert_identical_across_dp(model, self.dp_group, self.tdev)
         self.num_params = count_params(model.parameters(), self.tp_group, self.tdev)
         if cfg.parallel.sequence_parallel:
-            from .grads import install_sequence_parallel_grad_sync
+            from .grads import mark_sequence_parallel_params
 
-            install_sequence_parallel_grad_sync(model, self.tp_group)
+            mark_sequence_parallel_params(model, self.tp_group)
         if cfg.optim.per_layer:
             from .per_layer import PerLayerEngine
 

@@ -27,6 +27,7 @@ import megatron.core  # noqa: F401
 from _dist import gather_sharded, init_megatron, run_distributed
 
 from megatron_sl.model import LlamaPreset, count_parameters, get_preset
+from megatron_sl.parallel.grad_sync import finalize_sl_grads
 
 P = LlamaPreset("test", hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2, num_layers=2,
                 vocab_size=128, seq_length=16, rank=8, density=0.1, alpha=16.0)
@@ -122,6 +123,7 @@ def _train(model):
         opt.zero_grad(set_to_none=True)
         loss = _loss(model)
         loss.backward()
+        finalize_sl_grads(model)  # replicated factors: partial gradients summed over TP, once per step
         opt.step()
         losses.append(loss.item())
     return losses
@@ -199,6 +201,7 @@ def _tp2_check(rank, world_size, ref):
                 _close(t, r["params"][name], f"{what}: init {name}")
             loss = _loss(model)
             loss.backward()
+            finalize_sl_grads(model)
             assert abs(loss.item() - r["loss"]) <= 1e-5 * abs(r["loss"]), f"{what}: loss {loss.item()} != {r['loss']}"
             for name, t in _gathered(model, grads=True).items():
                 _close(t, r["grads"][name], f"{what}: grad {name}")

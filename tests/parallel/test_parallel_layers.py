@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import megatron.core  # noqa: F401 -- import once in the parent; forked ranks inherit it
 from _dist import gather_sharded, init_megatron, run_distributed
+from megatron_sl.parallel.grad_sync import finalize_sl_grads
 
 D, NP, NG, HN, F = 37, 4, 2, 5, 20          # hidden, heads, query groups, head dim, ffn (all odd-ish)
 S, BATCH = 12, 3                             # sequence (divisible by 2 and 4 for SP), micro-batch
@@ -138,6 +139,7 @@ def _run(layer, x_local, g_local):
     if b is not None:
         y = y + b
     (y * g_local).sum().backward()
+    finalize_sl_grads(layer)  # replicated factors (and the SP row bias): partial gradients summed over TP
     return y.detach(), x.grad
 
 

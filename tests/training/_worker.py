@@ -11,14 +11,19 @@ SPEC is a list of cases ``{"name", "overrides": [...], "compare_with": optional 
 * ``param_max_abs_diff`` / ``param_max_rel_diff`` vs ``compare_with`` (final parameters, every rank);
 * ``error``: the traceback if the case raised.
 
-``single_param_group`` is a negative control: it puts all parameters in ONE optimizer group (the
-configuration that lets bitsandbytes 8-bit states drift across TP ranks). ``perturb_support_rank1``
+``single_param_group`` is a negative control: it puts all parameters but the TP-partial ones (whose
+gradients the engine sums over TP in their own group) in ONE optimizer group (the configuration that
+lets bitsandbytes 8-bit states drift across TP ranks). ``count_tp_allreduce`` counts, during the run,
+the all-reduce calls on the TP group whose tensor is 1-D or 2-D with more than 2 elements (gradient
+buckets and per-parameter gradients, not activations [s, b, h] nor norm scalars) and reports
+``tp_allreduce_calls`` and the engine's own ``tp_reductions``. ``perturb_support_rank1``
 shifts one SL support on rank 1 after the model is built (as a per-rank support seed would): the
 start-up check must refuse to train.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -33,8 +38,37 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def final_params(trainer) -> dict:
+    """Every parameter in its global (TP-gathered) form, so runs on different TP layouts compare."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from _dist import gather_sharded
+
     with trainer.engine.gathered_params():
-        return {n: p.detach().float().clone() for n, p in trainer.engine.module.named_parameters()}
+        return {n: gather_sharded(p.detach().float().clone(), p, trainer.tp_group)
+                for n, p in trainer.engine.module.named_parameters()}
+
+
+@contextlib.contextmanager
+def count_tp_allreduce(tp_group):
+    """Count all-reduce calls on ``tp_group`` of gradient-like tensors (1-D/2-D, > 2 elements)."""
+    counter = {"calls": 0}
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_reduce_coalesced")}
+
+    def wrap(fn):
+        def counted(tensor, *args, **kwargs):
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+            if group is tp_group and any(t.dim() <= 2 and t.numel() > 2 for t in tensors):
+                counter["calls"] += 1
+            return fn(tensor, *args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 def main(spec_path: str, out_dir: str) -> int:
@@ -61,8 +95,14 @@ def main(spec_path: str, out_dir: str) -> int:
             cfg = load_config(REPO / "configs" / "tiny_sl.yaml", overrides)
             plan = make_plan(cfg, rank_env().world_size, check_outputs=False)
             if case.get("single_param_group"):
-                optim_mod.param_groups = lambda model, wd: [{"params": [p for p in model.parameters()],
-                                                            "weight_decay": wd, "name": "all"}]
+                def one_group(model, wd):
+                    partial = [p for p in model.parameters() if optim_mod.tp_kind(p) == optim_mod.PARTIAL_GROUP]
+                    rest = [p for p in model.parameters() if optim_mod.tp_kind(p) != optim_mod.PARTIAL_GROUP]
+                    return [g for g in ({"params": rest, "weight_decay": wd, "name": "all"},
+                                        {"params": partial, "weight_decay": wd, "name": optim_mod.PARTIAL_GROUP})
+                            if g["params"]]
+
+                optim_mod.param_groups = one_group
                 import megatron_sl.training.ds_engine as dse
                 dse.param_groups = optim_mod.param_groups
             if case.get("perturb_support_rank1"):
@@ -81,7 +121,13 @@ def main(spec_path: str, out_dir: str) -> int:
 
                 trainer_mod._build_model = perturbed
             trainer = Trainer(cfg, plan)
-            res.update(trainer.run())
+            if case.get("count_tp_allreduce"):
+                with count_tp_allreduce(trainer.tp_group) as counter:
+                    res.update(trainer.run())
+                res["tp_allreduce_calls"] = counter["calls"]
+                res["tp_reductions"] = trainer.engine.tp_reductions
+            else:
+                res.update(trainer.run())
             from megatron.core import parallel_state as ps
 
             with trainer.engine.gathered_params():
