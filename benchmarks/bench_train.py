@@ -82,7 +82,7 @@ def peak_rss_mb() -> float:
 
 
 def index_bytes(module) -> int:
-    """Bytes of the SL supports' integer index structures (canonical index + derived CSR arrays)."""
+    """Resident bytes of the SL supports' index structures (the canonical index; nothing derived is kept)."""
     from megatron_sl.core.functional import SupportLayout
 
     seen, total = set(), 0
@@ -297,7 +297,8 @@ def tp2_worker(spec_path: str) -> int:
         steps = summary["steps"]
         recs = [json.loads(line) for line in (Path(spec["out"]) / mode / "metrics.jsonl").read_text().splitlines()]
         times = [r["step_time_s"] for r in recs if r["kind"] == "train"][1:]  # first step: warm-up
-        results[mode] = {"step_s": statistics.median(times), "tokens_per_s": summary["tokens_per_s"],
+        tokens_per_step = summary["tokens"] / steps
+        results[mode] = {"step_s": statistics.median(times), "tokens_per_s": tokens_per_step / statistics.median(times),
                          "params": summary["params"], **{k: v / steps for k, v in tally.items()}}
         del trainer
     if env_of().rank == 0:

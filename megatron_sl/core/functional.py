@@ -31,59 +31,56 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 class SupportLayout:
-    """Index structures of one layer's fixed support, built once per device.
+    """A layer's fixed support as it stays resident: the canonical index only.
 
-    ``idx`` is the canonical flat row-major index (sorted). The factored path also needs CSR
-    row pointers of S and the CSR of Sᵀ (a permutation of the values plus its row pointers);
-    they are derived lazily and cached because the support never changes.
+    ``idx`` is the sorted flat row-major index, int32 when the matrix has fewer than 2^31 entries:
+    4 bytes per nonzero, on the device of the layer's parameters (the owning module keeps it as a
+    buffer). The CSR forms of S and Sᵀ that the factored path needs (row pointers, column indices,
+    the transposition permutation) are derived inside each call and dropped with it, so nothing
+    else per nonzero outlives a forward or backward (``index_bytes``).
     """
 
     def __init__(self, idx: torch.Tensor, out_features: int, in_features: int):
         self.idx = idx
         self.shape = (out_features, in_features)
-        self._cache = {}
 
     @property
     def nnz(self) -> int:
         return self.idx.numel()
 
-    def _get(self, device: torch.device):
-        key = (device.type, device.index)
-        if key not in self._cache:
-            m, n = self.shape
-            idx = self.idx.to(device=device)  # int32 when it fits: index_add_/index_select accept it
-            idx64 = idx.to(torch.int64)
-            rows, cols = idx64 // n, idx64 % n
-            crow = torch.zeros(m + 1, dtype=torch.int64, device=device)
-            crow[1:] = torch.bincount(rows, minlength=m).cumsum(0)
-            perm = torch.argsort(cols * m + rows)
-            tcrow = torch.zeros(n + 1, dtype=torch.int64, device=device)
-            tcrow[1:] = torch.bincount(cols, minlength=n).cumsum(0)
-            dt = torch.int32 if max(m, n, self.nnz) < 2**31 else torch.int64
-            self._cache[key] = {
-                "idx": idx, "crow": crow.to(dt), "col": cols.to(dt),
-                "perm": perm.to(dt), "tcrow": tcrow.to(dt), "tcol": rows[perm].to(dt),
-            }
-        return self._cache[key]
-
     def flat(self, device) -> torch.Tensor:
-        return self._get(device)["idx"]
+        """The canonical index on ``device`` (itself when it already lives there; else a transient copy)."""
+        device = torch.device(device)
+        same = self.idx.device.type == device.type and (device.index is None or self.idx.device.index == device.index)
+        return self.idx if same else self.idx.to(device)
+
+    def _rows_cols(self, device):
+        idx = self.flat(device).to(torch.int64)
+        n = self.shape[1]
+        return idx // n, idx % n
+
+    def csr_pattern(self, device):
+        """(crow, col) of S in CSR form, derived now (transient)."""
+        rows, cols = self._rows_cols(device)
+        crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=rows.device)
+        crow[1:] = torch.bincount(rows, minlength=self.shape[0]).cumsum(0)
+        return crow, cols
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
-        c = self._get(values.device)
-        return torch.sparse_csr_tensor(c["crow"], c["col"], values, size=self.shape, check_invariants=False)
+        crow, col = self.csr_pattern(values.device)
+        return torch.sparse_csr_tensor(crow, col, values, size=self.shape, check_invariants=False)
 
     def csr_t(self, values: torch.Tensor) -> torch.Tensor:
-        c = self._get(values.device)
-        return torch.sparse_csr_tensor(c["tcrow"], c["tcol"], values[c["perm"]], size=self.shape[::-1],
-                                       check_invariants=False)
+        m, n = self.shape
+        rows, cols = self._rows_cols(values.device)
+        perm = torch.argsort(cols * m + rows)
+        tcrow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+        tcrow[1:] = torch.bincount(cols, minlength=n).cumsum(0)
+        return torch.sparse_csr_tensor(tcrow, rows[perm], values[perm], size=(n, m), check_invariants=False)
 
     def index_bytes(self) -> dict:
-        """Resident index bytes: the canonical index and, once built, per-device copies and CSRs."""
-        canonical = self.idx.numel() * self.idx.element_size()
-        derived = sum(t.numel() * t.element_size() for c in self._cache.values() for k, t in c.items()
-                      if not (k == "idx" and t.data_ptr() == self.idx.data_ptr()))
-        return {"canonical": canonical, "derived": derived}
+        """Resident index bytes: the canonical index; nothing derived is kept between calls."""
+        return {"canonical": self.idx.numel() * self.idx.element_size(), "derived": 0}
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -108,9 +105,9 @@ def values_grad_reference(grad_w: torch.Tensor, idx: torch.Tensor) -> torch.Tens
 def sddmm_reference(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Tensor:
     """g_k = Σ_t dY[t,row_k]·X[t,col_k] for every support entry k, in support order.
     dy is dY (T x out), x is X (T x in); CPU sparse kernels lack bf16, which upcasts."""
-    c = layout._get(x.device)
+    crow, col = layout.csr_pattern(x.device)
     dt = x.dtype if _sparse_dtype_ok(x) else torch.float32
-    pattern = torch.sparse_csr_tensor(c["crow"], c["col"], torch.zeros(layout.nnz, dtype=dt, device=x.device),
+    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(layout.nnz, dtype=dt, device=x.device),
                                       size=layout.shape, check_invariants=False)
     out = torch.zeros(layout.nnz, dtype=dt, device=x.device)
     for t0 in range(0, x.shape[0], TOKEN_CHUNK):

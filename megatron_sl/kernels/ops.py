@@ -29,7 +29,6 @@ from torch import Tensor
 from megatron_sl.core import functional as core_fn
 
 from . import settings
-from .tile_layout import cached_layouts, remember_support_layout, support_layout_for
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -135,8 +134,7 @@ def _sddmm_impl(dy: Tensor, x: Tensor, idx: Tensor, backend: str) -> Tensor:
         return x.new_zeros(0)
     if settings.resolve_backend(x.device.type, backend) == "triton":
         return _triton().sddmm(dy, x, idx, settings.sddmm_blocks())
-    layout = support_layout_for(idx, dy.shape[1], x.shape[1])
-    return core_fn.sddmm_reference(dy, x, layout)
+    return core_fn.sddmm_reference(dy, x, core_fn.SupportLayout(idx, dy.shape[1], x.shape[1]))
 
 
 @torch.library.custom_op("megatron_sl::sddmm", mutates_args=(), device_types="cpu")
@@ -183,11 +181,8 @@ def densify_primitive(B, A, values, idx, scale):
 
 
 def sddmm_primitive(dy, x, layout):
-    """``core.functional.OPS["sddmm"]`` backed by ``megatron_sl::sddmm``; the layout's device
-    index tensor keys the cached tile layout (built once per layer and device)."""
-    idx = layout.flat(x.device)
-    remember_support_layout(idx, layout)
-    return torch.ops.megatron_sl.sddmm(dy, x, idx)
+    """``core.functional.OPS["sddmm"]`` backed by ``megatron_sl::sddmm`` on the layout's index."""
+    return torch.ops.megatron_sl.sddmm(dy, x, layout.flat(x.device))
 
 
 PRIMITIVES = {"densify": densify_primitive, "sddmm": sddmm_primitive}
@@ -217,18 +212,14 @@ def installed() -> bool:
 
 def index_report(layout, device) -> dict:
     """Resident index bytes of one layer, total and per nnz: the canonical index (the layer's
-    buffer), the device copy the ops receive (when it is a separate tensor), the core's derived
-    CSR structures and the Triton tile layouts built so far for that device."""
-    device = torch.device(device)
+    buffer), a copy on ``device`` kept between calls (none: a call on another device copies
+    transiently), the core's derived CSR structures and the Triton tile layouts (none: both are
+    derived inside each call and dropped with it)."""
     nnz = max(layout.nnz, 1)
-    flat = layout.flat(device)
     canonical = layout.idx.numel() * layout.idx.element_size()
-    device_copy = 0 if flat is layout.idx else flat.numel() * flat.element_size()
-    core_derived = layout.index_bytes()["derived"]
-    tiles = sum(t.nbytes() for t in cached_layouts(flat))
-    report = {"nnz": layout.nnz, "canonical": canonical, "device_flat": device_copy,
-              "core_derived": core_derived, "tile_layouts": tiles}
-    report["total"] = canonical + device_copy + core_derived + tiles
+    report = {"nnz": layout.nnz, "canonical": canonical, "device_flat": 0,
+              "core_derived": layout.index_bytes()["derived"], "tile_layouts": 0}
+    report["total"] = canonical + report["core_derived"]
     report["per_nnz"] = {k: report[k] / nnz for k in ("canonical", "device_flat", "core_derived", "tile_layouts",
                                                        "total")}
     return report

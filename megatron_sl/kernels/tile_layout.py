@@ -10,17 +10,14 @@ block_m x block_n tile of W and need the tile's entries contiguous:
 * ``tile_ptr`` (int32, n_tiles + 1): entries of tile t are positions tile_ptr[t]:tile_ptr[t+1];
   tiles are numbered row-major, t = (r // block_m)·n_tiles_n + c // block_n.
 
-The support never changes, so ``tile_layout_for`` builds this once per (index tensor, shape,
-block sizes) and caches it; the core ``SupportLayout`` hands the same device index tensor to every
-call, so that is once per layer and device. The cache entry dies with the index tensor. The same
-per-index entry remembers which ``SupportLayout`` owns the tensor, so the torch-reference SDDMM
-(which needs the layout's CSR) reuses the layer's cached structures.
+The layout is derived inside each kernel launch from the canonical index and dropped with it: the only
+index structure that stays resident per layer is the canonical int32 index (4 bytes per nonzero).
+Building it costs one sort of the support per launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 
@@ -66,69 +63,3 @@ def build_tile_layout(idx: torch.Tensor, out_features: int, in_features: int,
     tile_ptr[1:] = counts.cumsum(0)
     loc_dtype = torch.int16 if block_m * block_n <= 32767 else torch.int32
     return TileLayout(block_m, block_n, n_tm, n_tn, perm.to(torch.int32), inner[perm].to(loc_dtype), tile_ptr)
-
-
-_CACHE: dict = {}
-_STATS = {"builds": 0, "hits": 0}
-
-
-def _evict(key_id: int) -> None:
-    _CACHE.pop(key_id, None)
-
-
-def _entry(idx: torch.Tensor) -> dict:
-    """Per-index-tensor cache entry; it is dropped when the tensor is garbage collected."""
-    entry = _CACHE.get(id(idx))
-    if entry is None or entry["ref"]() is not idx:
-        entry = {"ref": weakref.ref(idx), "layouts": {}, "core": None}
-        _CACHE[id(idx)] = entry
-        weakref.finalize(idx, _evict, id(idx))
-    return entry
-
-
-def tile_layout_for(idx: torch.Tensor, out_features: int, in_features: int,
-                    block_m: int, block_n: int) -> TileLayout:
-    """The cached tile layout of this exact index tensor (built on first use)."""
-    entry = _entry(idx)
-    key = (idx.data_ptr(), idx._version, idx.numel(), out_features, in_features, block_m, block_n)
-    layout = entry["layouts"].get(key)
-    if layout is None:
-        layout = build_tile_layout(idx, out_features, in_features, block_m, block_n)
-        entry["layouts"][key] = layout
-        _STATS["builds"] += 1
-    else:
-        _STATS["hits"] += 1
-    return layout
-
-
-def remember_support_layout(idx: torch.Tensor, layout) -> None:
-    """Record which core ``SupportLayout`` owns this device index tensor, so an op that only
-    receives the tensor reuses the layout's cached CSR structures (no duplicate copies)."""
-    entry = _entry(idx)
-    if entry["core"] is None or entry["core"]() is not layout:
-        entry["core"] = weakref.ref(layout)
-
-
-def support_layout_for(idx: torch.Tensor, out_features: int, in_features: int):
-    """The core ``SupportLayout`` behind ``idx``: the remembered one, else a fresh uncached one
-    (e.g. for an index tensor made by a test; caching it here would keep idx alive forever)."""
-    from megatron_sl.core.functional import SupportLayout
-
-    entry = _CACHE.get(id(idx))
-    if entry is not None and entry["ref"]() is idx and entry["core"] is not None:
-        layout = entry["core"]()
-        if layout is not None and layout.shape == (out_features, in_features) and layout.nnz == idx.numel():
-            return layout
-    return SupportLayout(idx, out_features, in_features)
-
-
-def cached_layouts(idx: torch.Tensor) -> list:
-    """Tile layouts currently cached for this index tensor (for index-byte reports)."""
-    entry = _CACHE.get(id(idx))
-    if entry is None or entry["ref"]() is not idx:
-        return []
-    return list(entry["layouts"].values())
-
-
-def cache_stats() -> dict:
-    return dict(_STATS, entries=len(_CACHE))

@@ -31,7 +31,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .settings import DensifyBlocks, SddmmBlocks  # noqa: E402
-from .tile_layout import tile_layout_for  # noqa: E402
+from .tile_layout import build_tile_layout  # noqa: E402
 
 
 @triton.jit
@@ -156,7 +156,7 @@ def densify(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, idx: torch.T
         return W
     if A.dtype != B.dtype:
         A = A.to(B.dtype)
-    tiles = tile_layout_for(idx, out_f, in_f, blocks.block_m, blocks.block_n)
+    tiles = build_tile_layout(idx, out_f, in_f, blocks.block_m, blocks.block_n)  # transient
     values = values.contiguous()
     grid = (tiles.n_tiles_m, tiles.n_tiles_n)
     densify_kernel[grid](
@@ -182,7 +182,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, blocks: SddmmBlo
     if dy.dtype != x.dtype:
         common = torch.promote_types(dy.dtype, x.dtype)
         dy, x = dy.to(common), x.to(common)
-    tiles = tile_layout_for(idx, out_f, in_f, blocks.block_m, blocks.block_n)
+    tiles = build_tile_layout(idx, out_f, in_f, blocks.block_m, blocks.block_n)  # transient
     grid = (tiles.n_tiles_m, tiles.n_tiles_n)
     sddmm_kernel[grid](
         dy, x, out, tiles.perm, tiles.loc, tiles.tile_ptr,

@@ -98,8 +98,10 @@ class SLShard(nn.Module):
             self.rows, self.cols = None, (c0, c1)
             self.shard = ("cols", c0, c1)
         self.local_shape = shape
-        self.layout = SupportLayout(local_idx, *shape)
         self.index_hash = sup.support_hash(local_idx, shape)
+        # the canonical index lives with the parameters (moved by .to()); it is all that stays resident
+        self.register_buffer("idx", local_idx.to(device=device), persistent=False)
+        self.layout = SupportLayout(self.idx, *shape)
 
         f = {"dtype": dtype, "device": device}
         self.B = nn.Parameter(torch.zeros(shape[0], r, **f))
@@ -112,9 +114,14 @@ class SLShard(nn.Module):
             _tag(self.A, 1)
         _tag(self.values, 0)
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.layout = SupportLayout(self.idx, *self.local_shape)
+        return out
+
     def global_flat_index(self) -> torch.Tensor:
         """Global flat row-major index (int64) of each local support entry, in local order."""
-        local = self.layout.idx.to(torch.int64)
+        local = self.idx.to(device="cpu", dtype=torch.int64)
         width = self.local_shape[1]
         r, c = local // width, local % width
         if self.rows is not None:

@@ -15,6 +15,8 @@ Tolerances per dtype (bf16 has an 8-bit mantissa, unit roundoff 2^-9 ≈ 2e-3):
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from megatron_sl.core.functional import SupportLayout
@@ -152,3 +154,29 @@ def count_launches(monkeypatch) -> dict:
             return _real(*args, **kwargs)
         monkeypatch.setattr(tk, name, counting)
     return counts
+
+
+class IntTensorTracker:
+    """Context manager: the integer tensors (index structures) that appeared during the region and
+    are still alive after it, found by scanning the garbage collector's objects before and after
+    (so a cache held anywhere in Python -- a dict, an object attribute -- is found)."""
+
+    @staticmethod
+    def _live() -> dict:
+        gc.collect()
+        return {id(o): o for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and not o.dtype.is_floating_point and o.dtype != torch.bool}
+
+    def __enter__(self):
+        self._before = set(self._live())
+        return self
+
+    def __exit__(self, *exc):
+        self._after = {k: t for k, t in self._live().items() if k not in self._before}
+        return False
+
+    def alive(self) -> list:
+        return [(tuple(t.shape), t.dtype) for t in self._after.values()]
+
+    def alive_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._after.values())

@@ -26,7 +26,7 @@ import megatron_sl.kernels as K
 import sl_kernel_cases as C
 from megatron_sl.core import SLLinear, cost_model
 from megatron_sl.core import functional as core_fn
-from megatron_sl.kernels import ops, settings, tile_layout
+from megatron_sl.kernels import ops, settings
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -173,29 +173,22 @@ def test_tile_layout_enumerates_the_support(blocks):
         K.build_tile_layout(torch.tensor([0, out_f * in_f]), out_f, in_f, bm, bn)
 
 
-def test_tile_layout_cached_per_index_tensor():
-    idx = C.make_support(40, 30, "random", 0.2).long()
-    first = K.tile_layout_for(idx, 40, 30, 32, 16)
-    assert K.tile_layout_for(idx, 40, 30, 32, 16) is first
-    assert K.tile_layout_for(idx, 40, 30, 16, 32) is not first
-    assert len(tile_layout.cached_layouts(idx)) == 2
-    entries = tile_layout.cache_stats()["entries"]
-    del idx, first
-    assert tile_layout.cache_stats()["entries"] == entries - 1  # the entry dies with the tensor
-
-
-def test_index_report_per_nnz():
-    layer = SLLinear(512, 1376, rank=8, density=0.03, alpha=16.0, name="fc1")
+@pytest.mark.parametrize("path", ["dense", "factored"])
+def test_resident_index_bytes_are_the_canonical_4_per_nnz(path):
+    """After forward + backward nothing index-like outlives the call: every integer tensor created
+    inside it (CSR row pointers, column indices, the transposition permutation) is gone, so the
+    resident index memory is the canonical int32 index, 4 bytes per nonzero."""
+    layer = SLLinear(512, 1376, rank=8, density=0.03, alpha=16.0, name="fc1", path=path)
     assert layer.idx.dtype == torch.int32
     x = torch.randn(16, 512)
-    layer(x).sum().backward()  # auto path on CPU, T=16: factored -> builds the CSR structures
+    with C.IntTensorTracker() as created:
+        layer(x).sum().backward()
+    assert created.alive_bytes() == 0, created.alive()
     report = K.index_report(layer.layout, "cpu")
     assert report["nnz"] == layer.nnz
-    assert report["per_nnz"]["canonical"] == 4.0
-    assert report["per_nnz"]["tile_layouts"] == 0.0  # no Triton on CPU: nothing built
-    tiles = K.tile_layout_for(layer.layout.flat(torch.device("cpu")), 1376, 512, 128, 128)
-    assert K.index_report(layer.layout, "cpu")["tile_layouts"] == tiles.nbytes()
-    assert abs(tiles.nbytes() / layer.nnz - 6.0) < 0.1  # int32 perm + int16 loc (+ tile pointers)
+    assert report["per_nnz"]["canonical"] == 4.0 and report["per_nnz"]["total"] == 4.0
+    tiles = K.build_tile_layout(layer.layout.flat(torch.device("cpu")), 1376, 512, 128, 128)
+    assert abs(tiles.nbytes() / layer.nnz - 6.0) < 0.1  # what each launch derives: int32 perm + int16 loc
 
 
 # 5 ---------------------------------------------------------------------------------------------
