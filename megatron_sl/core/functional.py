@@ -73,7 +73,10 @@ class SupportLayout:
     def csr_t(self, values: torch.Tensor) -> torch.Tensor:
         m, n = self.shape
         rows, cols = self._rows_cols(values.device)
-        perm = torch.argsort(cols * m + rows)
+        # the canonical order is row-major, so a stable sort by column alone gives Sᵀ's CSR order
+        # (int32 keys: ~4x faster than sorting a combined int64 key on CPU)
+        keys = cols.to(torch.int32) if n < 2**31 else cols
+        perm = torch.argsort(keys, stable=True)
         tcrow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
         tcrow[1:] = torch.bincount(cols, minlength=n).cumsum(0)
         return torch.sparse_csr_tensor(tcrow, rows[perm], values[perm], size=(n, m), check_invariants=False)
