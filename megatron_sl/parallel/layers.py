@@ -46,6 +46,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_sl.core.config import SLConfig
+from megatron_sl.core.functional import backward_math, choose, forward_math
 
 from .grad_sync import mark_partial_tp_grad
 from .layout import glu_layout, local_rows, qkv_layout, single_layout
@@ -53,7 +54,6 @@ from .naming import resolve_layer_name
 from .shard import SLShard
 
 from megatron_sl.kernels import sl_linear  # core's op with the kernel-dispatching primitives installed
-from megatron_sl.core.functional import backward_math, choose, forward_math
 
 SINGLE_PART_NAMES = {"proj": "o", "fc1": "up", "fc2": "down"}
 
@@ -221,9 +221,9 @@ class SLColumnParallelLinear(nn.Module):
         if self.sequence_parallel:
             parts = list(self.parts.values())
             params = [t for p in parts for t in (p.B, p.A, p.values)]
-            y = _SequenceParallelColumnSL.apply(
-                input_, group, [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()], self.scale,
-                self.sl_config.path, self.global_rows.numel(), *params)
+            where = [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()]
+            y = _SequenceParallelColumnSL.apply(input_, group, where, self.scale, self.sl_config.path,
+                                                self.global_rows.numel(), *params)
             if self.bias is not None and not self.skip_bias_add:
                 y = y + self.bias
             return y, (self.bias if self.skip_bias_add else None)
