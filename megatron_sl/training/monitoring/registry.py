@@ -135,7 +135,8 @@ class MetricsRegistry:
                        parameter_bytes=self.param_bytes, flops_per_step=self.flops["sl"],
                        dense_equivalent_flops_per_step=self.flops["dense_equivalent"],
                        peak_flops_per_device=self.peak, peak_flops_source=self.peak_source,
-                       memory_kind=self.memory_kind, tokens_per_step=plan.tokens_per_step, time=time.time())
+                       memory_kind=self.memory_kind, tokens_per_step=plan.tokens_per_step,
+                       vocab_size=plan.vocab_size, time=time.time())
 
     def _prom_static(self, cfg, plan, split) -> None:
         p = self.prom
