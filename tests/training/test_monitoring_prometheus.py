@@ -14,7 +14,8 @@ serves. While the run trains:
 then the whole run is SIGSTOPped and the stall alert (a test copy of the rules with a 3 s threshold
 and ``for: 1s``) must fire; after SIGCONT the run finishes with exit code 0, its last scrape shows
 ``msl_run_finished 1`` and the stall signal no longer returns data. ``promtool check rules`` /
-``check config`` pass on the shipped files. The textfile-collector file is parsed back too.
+``check config`` pass on the shipped files, and ``promtool test rules dashboards/alerts_test.yml``
+checks the shipped thresholds on synthetic series. The textfile-collector file is parsed back too.
 """
 
 from __future__ import annotations
@@ -126,7 +127,10 @@ def _split(expr: str):
 
 
 def test_promtool_checks_the_shipped_rules_and_config(promtool):
-    for args in (["check", "rules", str(DASH / "alerts.yml")], ["check", "config", str(DASH / "prometheus.yml")]):
+    # test rules: the shipped thresholds on synthetic series (stall after 15 min unless finished, NaN,
+    # checkpoint failure, throughput under half of the hour's mean for 10 min)
+    for args in (["check", "rules", str(DASH / "alerts.yml")], ["check", "config", str(DASH / "prometheus.yml")],
+                 ["test", "rules", str(DASH / "alerts_test.yml")]):
         proc = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     names = {r["alert"] for r in _alert_rules(DASH / "alerts.yml")}

@@ -20,6 +20,7 @@ model FLOPs, not hardware FLOPs.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Optional
 
@@ -55,6 +56,7 @@ def step_flops(preset, sl_config, micro_batch_size: int, global_batch_size: int,
     return {"sl": calls * per_call_sl, "dense_equivalent": calls * per_call_dense}
 
 
+@functools.lru_cache(maxsize=None)  # once per process and device: runs in one process share it
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
     """Best matmul FLOP/s of ``device`` in ``dtype`` over about ``seconds`` (the default peak when
     ``metrics.peak_tflops`` is not configured; an achieved rate, not the vendor's peak)."""
