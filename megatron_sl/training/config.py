@@ -205,7 +205,7 @@ class MetricsSection:
     files under ``<run>/wandb``) or "online"; ``wandb_project`` the project name.
     ``prometheus_port``: rank 0 serves ``http://<prometheus_addr>:<port>/metrics`` (0: off); it keeps
     serving ``prometheus_linger_s`` seconds after the run ends so a last scrape sees
-    ``msl_run_finished 1`` (set it >= the scrape interval).
+    ``msl_run_finished 1`` (set it above the scrape interval; default 20 s for the usual 15 s).
     ``prometheus_textfile``: also write the same metrics, atomically every step, to this ``.prom``
     file for node_exporter's textfile collector (``None``: off); ``{run}`` and ``{job_id}`` are filled in.
     ``run_name``: the ``run`` label (``None``: the run directory's name); ``job_id``: the ``job_id``
@@ -222,7 +222,7 @@ class MetricsSection:
     wandb_project: str = "megatron-sl"
     prometheus_port: int = 0
     prometheus_addr: str = "0.0.0.0"
-    prometheus_linger_s: float = 15.0
+    prometheus_linger_s: float = 20.0
     prometheus_textfile: Optional[str] = None
     run_name: Optional[str] = None
     job_id: Optional[str] = None

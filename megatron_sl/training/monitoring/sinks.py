@@ -74,7 +74,11 @@ class PrometheusSink:
         self._write_textfile = pc.write_to_textfile
         self.server = self.thread = None
         if port:
-            self.server, self.thread = pc.start_http_server(port, addr=addr, registry=self.registry)
+            try:
+                self.server, self.thread = pc.start_http_server(port, addr=addr, registry=self.registry)
+            except OSError as e:  # e.g. another run on this node holds the port: train on, unmonitored
+                print(f"[metrics] warning: metrics.prometheus_port={port}: cannot serve /metrics on {addr}:{port} "
+                      f"({e.strerror or e}); the Prometheus endpoint is off for this run", flush=True)
 
     def _child(self, name: str, **extra):
         return self.metrics[name].labels(**self.labels, **{k: str(v) for k, v in extra.items()})
