@@ -111,7 +111,7 @@ class Trainer:
         if self.rank0:
             _prepare_run_dir(cfg, ds_config)
         dist.barrier()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.rank0 else None)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.rank0 and cfg.metrics.jsonl else None)
         self.train_ds, self.valid_ds = _datasets(cfg, plan)
 
         torch.manual_seed(cfg.train.seed)

@@ -14,7 +14,8 @@ serves. While the run trains:
 then the whole run is SIGSTOPped and the stall alert (a test copy of the rules with a 3 s threshold
 and ``for: 1s``) must fire; after SIGCONT the run finishes with exit code 0, its last scrape shows
 ``msl_run_finished 1`` and the stall signal no longer returns data. ``promtool check rules`` /
-``check config`` pass on the shipped files, and ``promtool test rules dashboards/alerts_test.yml``
+``check config`` pass on the shipped files (the run has TensorBoard and JSONL switched off, which
+is checked too), and ``promtool test rules dashboards/alerts_test.yml``
 checks the shipped thresholds on synthetic series. The textfile-collector file is parsed back too.
 """
 
@@ -188,7 +189,7 @@ def test_dashboard_and_alerts_against_a_live_run(promtool, tiny_data, tmp_path):
                                           "eval.interval=100", "eval.iters=1", "run.save_interval=10",
                                           f"metrics.prometheus_port={exporter}", "metrics.prometheus_addr=127.0.0.1",
                                           "metrics.prometheus_linger_s=3", f"metrics.prometheus_textfile={textfile}",
-                                          "metrics.job_id='4242'"))
+                                          "metrics.job_id='4242'", "metrics.tensorboard=false", "metrics.jsonl=false"))
     prom = train = None
     log = open(tmp_path / "train.log", "w")
     try:
@@ -247,6 +248,9 @@ def test_dashboard_and_alerts_against_a_live_run(promtool, tiny_data, tmp_path):
                 p.wait(timeout=30)
         log.close()
 
+    # the other sinks were switched off: no event files, no metrics.jsonl (summary.json is not a sink)
+    assert not (out / "tensorboard").exists() and not (out / "metrics.jsonl").exists()
+    assert (out / "summary.json").is_file()
     # the textfile-collector file: the same metrics in the exposition format, finished
     from prometheus_client.parser import text_string_to_metric_families
 
