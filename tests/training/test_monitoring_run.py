@@ -1,7 +1,9 @@
 """Run metrics of real 2-rank runs (SL and dense, the shrunk tiny model): TensorBoard event files
 read back with tensorboard's EventAccumulator, the monitoring fields of ``metrics.jsonl`` (MFU
 against the 6·N·tokens rule, per-rank figures, checkpoint sizes), ``megatron-sl report`` over
-both runs, and the ``metrics:`` config checks (exit 2, one message, before any rank starts).
+both runs, the ``metrics:`` config checks (exit 2, one message, before any rank starts), and the
+registry's counters for skipped / non-finite steps and failed checkpoints (one gloo rank, textfile
+sink parsed back).
 """
 
 from __future__ import annotations
@@ -183,3 +185,67 @@ def test_step_flops_order_of_the_variants():
     extra = 2 * preset.num_layers * sum(8 * m * n * slc.rank for mats in slot_matrices(preset).values()
                                          for _, m, n in mats)
     assert forced["sl"] == f["dense"]["sl"] + extra
+
+
+def _registry_events(rank, world_size, out):
+    """Inside a gloo rank: a registry with the textfile sink; two steps (one NaN), one skipped step,
+    one committed and one failed checkpoint; returns what the textfile and metrics.jsonl hold."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from megatron_sl.training.config import load_config
+    from megatron_sl.training.metrics import MetricsLog
+    from megatron_sl.training.monitoring import MetricsRegistry
+    from megatron_sl.training.validate import make_plan
+    import torch
+
+    textfile = out / "msl.prom"
+    cfg = load_config(REPO / "configs" / "tiny_sl.yaml",
+                      ["launch.nproc_per_node=1", "train.global_batch_size=4", f"run.output_dir={out}",
+                       "metrics.tensorboard=false", f"metrics.prometheus_textfile={textfile}", "metrics.peak_tflops=1"])
+    plan = make_plan(cfg, world_size, check_inputs=False, check_outputs=False)
+    log = MetricsLog(out / "metrics.jsonl")
+    reg = MetricsRegistry(cfg, plan, run_dir=out, device="cpu", tdev=torch.device("cpu"), metrics_log=log,
+                          state_bytes=lambda: (1000, 250), num_params=123)
+    for step, loss in ((1, 5.0), (2, float("nan"))):
+        reg.step_begin()
+        reg.lap("data")
+        reg.lap("forward_backward")
+        reg.lap("optimizer")
+        if step == 2:
+            reg.step_skipped("nonfinite_loss")
+        reg.step(step, loss, 1e-3, 1.0, 0.5)
+    ckpt = out / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "w.bin").write_bytes(b"x" * 4096)
+    with reg.checkpointing(2) as rec:
+        rec.path = str(ckpt)
+    try:
+        with reg.checkpointing(2):
+            raise OSError("disk full")
+    except OSError:
+        pass
+    reg.close()
+    log.close()
+    fams = {f.name: {tuple(sorted(s.labels.items())): s.value for s in f.samples}
+            for f in text_string_to_metric_families(textfile.read_text())}
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return fams, recs
+
+
+def test_registry_counts_skips_nonfinite_losses_and_checkpoint_failures(tmp_path):
+    from _dist import run_distributed
+
+    (fams, recs), = run_distributed(_registry_events, 1, tmp_path)
+    labels = (("dp", "1"), ("job_id", "local"), ("run", tmp_path.name), ("tp", "1"))
+    one = lambda name: fams[name][labels]  # noqa: E731
+    assert one("msl_nonfinite_loss_steps") == 1 and one("msl_train_steps") == 2
+    assert fams["msl_skipped_steps"][tuple(sorted(labels + (("reason", "nonfinite_loss"),)))] == 1
+    assert one("msl_checkpoints") == 1 and one("msl_checkpoint_failures") == 1
+    assert one("msl_checkpoint_size_bytes") == 4096 and one("msl_run_finished") == 1
+    assert math.isnan(one("msl_train_loss"))
+    # MFU against the configured 1 TFLOP/s: model FLOPs per step / (0.5 s x 1 device x 1e12)
+    flops = fams["msl_model_flops_per_step"][tuple(sorted(labels + (("basis", "sl"),)))]
+    assert fams["msl_mfu_ratio"][tuple(sorted(labels + (("basis", "sl"),)))] == pytest.approx(flops / 0.5e12)
+    train = [r for r in recs if r["kind"] == "train"]
+    assert [(r["loss"], r["nonfinite_loss_steps"], r["skipped_steps"]) for r in train] == [(5.0, 0, 0), (None, 1, 1)]
+    assert [(r["ok"], r["size_bytes"]) for r in recs if r["kind"] == "checkpoint"] == [(True, 4096), (False, None)]
