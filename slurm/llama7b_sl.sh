@@ -26,6 +26,10 @@
 #   NCCL_DEBUG=WARN                 INFO when debugging the fabric; set NCCL_SOCKET_IFNAME / NCCL_IB_HCA
 #                                   for your site's network
 #   OMP_NUM_THREADS=cpus/ranks      per node; PYTHONUNBUFFERED=1 so the log follows the run
+
+# Monitoring: MSL_PROMETHEUS_PORT=9477 makes rank 0 serve /metrics on the first node (scrape it with
+# dashboards/prometheus.yml, alerts in dashboards/alerts.yml); MSL_PROMETHEUS_TEXTFILE_DIR=DIR writes
+# the same metrics for node_exporter's textfile collector instead. TensorBoard: <output_dir>/tensorboard.
 #
 #SBATCH --job-name=llama7b-sl
 #SBATCH --nodes=4

@@ -4,7 +4,9 @@
    and its sentencepiece BPE through ``megatron_sl.training.data``;
 2. train the tiny SL preset (``configs/tiny_sl.yaml``) on 2 gloo ranks via torchrun
    (OMP_NUM_THREADS=1 per rank), with validation before, during and after training;
-3. print the validation perplexity before and after, the throughput, and where the checkpoint is.
+3. print the validation perplexity before and after, the throughput, and where the checkpoint is;
+4. write the run report (``<run>/report/index.html`` with its PNG plots, as ``megatron-sl report``)
+   and print its path.
 
 Baselines from the same command: ``megatron-sl demo variant=dense`` (full rank) and
 ``megatron-sl demo variant=lowrank`` (delta = 0). Any training key can be overridden as
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
           f"{summary['params']:,} parameters)" if before is not None and after is not None
           else f"[demo] {variant}: trained {summary['steps']} steps")
     print(f"[demo] checkpoint: {summary['checkpoint']}; metrics: {out}/metrics.jsonl", flush=True)
+    from megatron_sl.training.monitoring.report import write_report
+
+    print(f"[demo] report (plots + HTML summary): {write_report([out])}", flush=True)
     return 0
 
 

@@ -11,7 +11,8 @@ Modules (imported lazily by their users; this package imports nothing itself):
   ``schedule`` -- warmup + cosine; ``grads`` -- TP-aware global norm and clipping;
 * ``ds_engine`` -- DeepSpeed ZeRO 0-3 engine; ``per_layer`` -- optimizer-in-backward updates;
 * ``batches`` -- sample order, batching, masked loss; ``checks`` -- cross-rank consistency;
-  ``metrics`` -- metrics JSONL and progress bar; ``trainer`` -- the run of one rank;
+  ``metrics`` -- metrics JSONL and progress bar; ``monitoring`` -- the per-step metrics registry,
+  MFU, TensorBoard / W&B / Prometheus sinks and the run report; ``trainer`` -- the run of one rank;
 * ``checkpoint`` -- atomic checkpoints, verified resume, keep-last-K; ``preemption`` -- stop/save
   signals agreed across ranks (exit 75) and the signal-forwarding torchrun wrapper;
   ``dry_run`` -- per-rank parameter and memory figures without training;

@@ -19,6 +19,7 @@ YAML layout (every section optional, defaults below)::
     eval:     {interval, iters, at_start}
     run:      {output_dir, overwrite, log_interval, progress_bar, save_at_end}
     launch:   {nproc_per_node, master_port, device}
+    metrics:  {jsonl, tensorboard, wandb, prometheus_port, prometheus_textfile, peak_tflops, ...}
 
 Overrides use dotted keys, values parsed as YAML: ``optim.lr=1e-3 model.num_layers=2
 deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0``.
@@ -193,6 +194,42 @@ class LaunchSection:
 
 
 @dataclasses.dataclass
+class MetricsSection:
+    """Run metrics (``training.monitoring``): one registry fed once per step; rank 0 gathers the
+    per-rank figures and writes every sink switched on here.
+
+    ``jsonl``: ``<run>/metrics.jsonl`` (train / eval / run / summary records).
+    ``tensorboard``: TensorBoard event files in ``<run>/tensorboard``.
+    ``wandb``: Weights & Biases: ``None`` (default) logs when the ``wandb`` package is importable (it
+    is never installed by this project), ``true`` requires it, ``false`` never; ``wandb_mode`` "offline" (default,
+    files under ``<run>/wandb``) or "online"; ``wandb_project`` the project name.
+    ``prometheus_port``: rank 0 serves ``http://<prometheus_addr>:<port>/metrics`` (0: off); it keeps
+    serving ``prometheus_linger_s`` seconds after the run ends so a last scrape sees
+    ``msl_run_finished 1`` (set it above the scrape interval; default 20 s for the usual 15 s).
+    ``prometheus_textfile``: also write the same metrics, atomically every step, to this ``.prom``
+    file for node_exporter's textfile collector (``None``: off); ``{run}`` and ``{job_id}`` are filled in.
+    ``run_name``: the ``run`` label (``None``: the run directory's name); ``job_id``: the ``job_id``
+    label (``None``: ``$SLURM_JOB_ID``, else "local").
+    ``peak_tflops``: peak TFLOP/s of ONE device that MFU is relative to (e.g. 989 for an H100 SXM in
+    bf16). ``None``: measured once at start by timing a matmul in the training precision on rank 0's
+    device -- an assumption (the achieved matmul rate of that device, not the vendor's peak).
+    """
+
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: Optional[bool] = None
+    wandb_mode: str = "offline"
+    wandb_project: str = "megatron-sl"
+    prometheus_port: int = 0
+    prometheus_addr: str = "0.0.0.0"
+    prometheus_linger_s: float = 20.0
+    prometheus_textfile: Optional[str] = None
+    run_name: Optional[str] = None
+    job_id: Optional[str] = None
+    peak_tflops: Optional[float] = None
+
+
+@dataclasses.dataclass
 class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     sl: SLSection = dataclasses.field(default_factory=SLSection)
@@ -204,6 +241,7 @@ class TrainConfig:
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     run: RunSection = dataclasses.field(default_factory=RunSection)
     launch: LaunchSection = dataclasses.field(default_factory=LaunchSection)
+    metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,6 +258,7 @@ CHOICES = {
     "optim.name": OPTIMIZERS,
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "launch.device": DEVICES,
+    "metrics.wandb_mode": ("offline", "online"),
 }
 
 

@@ -2,9 +2,14 @@
 
 ``metrics.jsonl`` holds one JSON object per line with a ``kind``:
 * ``train``: step (1-based count of updates done), loss (mean over the global batch), lr (of that
-  update), grad_norm (before clipping), tokens_per_s, consumed_samples, elapsed_s;
+  update), grad_norm (before clipping), tokens_per_s, consumed_samples, step_time_s, plus the
+  monitoring figures (phase times ``*_s``, mfu, mfu_dense_equivalent, per-rank tokens/s, step time
+  and memory, optimizer-state bytes, non-finite/skipped step counts, unix ``time``);
 * ``eval``: step, val_loss, val_ppl, val_tokens;
 * ``preempted``: step at which a stop signal ended the run (after its checkpoint was committed);
+* ``run``: written once at start by ``training.monitoring``: labels (run, job_id, tp, dp), parameter
+  split and bytes, model FLOPs per step (SL and dense-equivalent), the peak FLOP/s MFU uses;
+* ``checkpoint``: step, duration_s, size_bytes, path, ok of each save;
 * ``summary``: the end-of-run record (also written to ``summary.json``), including optimizer-state
   bytes per parameter.
 Lines are flushed as they are written, so a killed run keeps everything up to its last step.

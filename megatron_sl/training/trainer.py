@@ -7,8 +7,8 @@
 3. tokenizer + megatron GPTDatasets (train / fixed validation set);
 4. the GPTModel (SL / low-rank / dense), checked identical across DP ranks;
 5. the engine: DeepSpeed ZeRO 0-3 with a client optimizer, or per-layer updates without DeepSpeed;
-6. the loop: GA micro-batches per step, validation every ``eval.interval`` steps, metrics JSONL
-   and progress bar on rank 0;
+6. the loop: GA micro-batches per step, validation every ``eval.interval`` steps, metrics
+   (``training.monitoring``: JSONL, TensorBoard, W&B, Prometheus) and progress bar on rank 0;
 7. final validation, checkpoint (``<run>/checkpoints/step_XXXXXXXX`` + ``latest``), summary.
 
 Checkpoints and preemption (``training.checkpoint``, ``training.preemption``): at start the run
@@ -40,10 +40,12 @@ from .config import TrainConfig, dump_config
 from .preemption import PreemptionHandler
 from .distributed import init_distributed, resolve_device
 from .metrics import MetricsLog, Progress
+from .monitoring import MetricsRegistry
 from .schedule import WarmupCosine
 from .validate import Plan
 
-RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "config.yaml", "ds_config.json", "checkpoints")
+RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "config.yaml", "ds_config.json", "checkpoints", "tensorboard",
+                 "wandb", "report")
 
 
 def _prepare_run_dir(cfg: TrainConfig, ds_config: Optional[dict]) -> Path:
@@ -109,7 +111,7 @@ class Trainer:
         if self.rank0:
             _prepare_run_dir(cfg, ds_config)
         dist.barrier()
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.rank0 else None)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.rank0 and cfg.metrics.jsonl else None)
         self.train_ds, self.valid_ds = _datasets(cfg, plan)
 
         torch.manual_seed(cfg.train.seed)
@@ -128,6 +130,9 @@ class Trainer:
             from .ds_engine import DeepSpeedTrainEngine
 
             self.engine = DeepSpeedTrainEngine(model, cfg, plan, self.schedule, self.device)
+        self.monitor = MetricsRegistry(cfg, plan, run_dir=self.run_dir, device=self.device, tdev=self.tdev,
+                                       metrics_log=self.metrics, state_bytes=self.engine.state_bytes,
+                                       num_params=self.num_params)
         self.step = 0
         self.last_saved_step = None
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
@@ -171,7 +176,7 @@ class Trainer:
 
     def _log_eval(self, tag: str) -> dict:
         res = self.evaluate()
-        self.metrics.write("eval", **res)
+        self.monitor.eval(res)
         self.log(f"[eval] {tag} step {res['step']}: validation loss {res['val_loss']:.4f}, "
                  f"perplexity {res['val_ppl']:.2f} ({res['val_tokens']} tokens)")
         return res
@@ -180,12 +185,16 @@ class Trainer:
         """One optimizer step (GA micro-batches); returns the global-batch mean loss."""
         p = self.plan
         losses = torch.zeros(1, dtype=torch.float64, device=self.tdev)
+        self.monitor.step_begin()
         for m in range(p.grad_accum):
             start = train_sample_start(self.step, m, p.global_batch_size, p.micro_batch_size, p.dp, self.dp_rank)
             batch = collate(self.train_ds, start, p.micro_batch_size, self.tdev)
+            self.monitor.lap("data")
             loss = masked_mean(per_token_loss(self.engine, batch), batch["loss_mask"])
             self.engine.backward(loss)
+            self.monitor.lap("forward_backward")
             updated = self.engine.step()
+            self.monitor.lap("optimizer")
             losses += loss.detach().double()
             assert updated == (m == p.grad_accum - 1), "engine and trainer disagree on the accumulation boundary"
         self.step += 1
@@ -239,10 +248,8 @@ class Trainer:
         loss = self.train_step()
         dt = time.perf_counter() - t0
         tok_s = p.tokens_per_step / dt
-        if self.step % cfg.run.log_interval == 0 or self.step == cfg.train.train_iters:
-            self.metrics.write("train", step=self.step, loss=loss, lr=self.engine.lr, grad_norm=self.engine.grad_norm,
-                               tokens_per_s=tok_s, consumed_samples=self.step * p.global_batch_size,
-                               step_time_s=dt)
+        self.monitor.step(self.step, loss, self.engine.lr, self.engine.grad_norm, dt,
+                          write_record=self.step % cfg.run.log_interval == 0 or self.step == cfg.train.train_iters)
         progress.update(loss, self.engine.lr, tok_s)
         if (cfg.eval.interval and cfg.eval.iters and self.step % cfg.eval.interval == 0
                 and self.step < cfg.train.train_iters):
@@ -256,7 +263,8 @@ class Trainer:
             return str(path)
         client_state = {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
                         "config": self.cfg.to_dict(), "format": "megatron-sl/2"}
-        path = self.ckpt.save(self.step, self.engine, client_state, model=self.engine.module)
+        with self.monitor.checkpointing(self.step) as record:
+            path = record.path = self.ckpt.save(self.step, self.engine, client_state, model=self.engine.module)
         self.last_saved_step = self.step
         self.log(f"[ckpt] saved {path}")
         return str(path)
@@ -298,6 +306,7 @@ class Trainer:
                      f"optimizer state {bpp:.3f} bytes/param" if bpp else f"[done] {self.step} steps")
             if drift:
                 self.log(f"[warn] TP-replicated parameters differ across TP ranks: {drift}")
+        self.monitor.close()
         self.metrics.close()
         return summary
 

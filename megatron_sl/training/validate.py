@@ -220,6 +220,31 @@ def check_output_dir(cfg: TrainConfig) -> None:
         _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(parent)!r} is not writable")
 
 
+def check_metrics(cfg: TrainConfig) -> None:
+    m = cfg.metrics
+    if not 0 <= m.prometheus_port <= 65535:
+        _fail(f"config key metrics.prometheus_port={m.prometheus_port!r} must be a TCP port in [0, 65535] (0: off)")
+    _positive("metrics.prometheus_linger_s", m.prometheus_linger_s, allow_zero=True)
+    if m.peak_tflops is not None and not m.peak_tflops > 0:
+        _fail(f"config key metrics.peak_tflops={m.peak_tflops!r} must be > 0 (or null: measured at start)")
+    if m.wandb and importlib.util.find_spec("wandb") is None:
+        _fail("config key metrics.wandb=true needs the wandb package, which is not installed "
+              "(leave it null to log to W&B only when it is installed)")
+    if m.prometheus_textfile is not None:
+        try:
+            m.prometheus_textfile.format(run="run", job_id="job")
+        except (KeyError, IndexError, ValueError) as e:
+            _fail(f"config key metrics.prometheus_textfile={m.prometheus_textfile!r}: bad placeholder {e} "
+                  "(only {run} and {job_id})")
+        if not m.prometheus_textfile.endswith(".prom"):
+            _fail(f"config key metrics.prometheus_textfile={m.prometheus_textfile!r} must end in .prom "
+                  "(node_exporter's textfile collector reads only *.prom)")
+    for key in ("run_name", "job_id"):
+        v = getattr(m, key)
+        if v is not None and not v.strip():
+            _fail(f"config key metrics.{key}={v!r} must not be empty (null: the default)")
+
+
 def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the Plan. Raises ConfigError.
 
@@ -293,6 +318,7 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
         base_vocab = tok_vocab
     multiple = cfg.model.make_vocab_size_divisible_by * tp
     vocab = -(-base_vocab // multiple) * multiple
+    check_metrics(cfg)
     if check_outputs:
         check_output_dir(cfg)
     return Plan(world_size=world_size, tp=tp, dp=dp, grad_accum=ga, micro_batch_size=t.micro_batch_size,

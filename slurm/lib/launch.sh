@@ -32,6 +32,15 @@
 #   MSL_MAX_RESTARTS    stop requeueing after this many restarts (default 100)
 #   MSL_SRUN_WAIT       seconds srun waits after the first node exits before killing the rest (120)
 #   MSL_REPO            repository root (default: $SLURM_SUBMIT_DIR)
+# Monitoring (metrics: section of the config; Prometheus rules and a Grafana dashboard in dashboards/):
+#   MSL_PROMETHEUS_PORT -> metrics.prometheus_port=...        global rank 0 (on the first node of
+#                          `scontrol show hostnames`) serves http://<first node>:PORT/metrics; the
+#                          banner prints the scrape target (default: off)
+#   MSL_PROMETHEUS_TEXTFILE_DIR -> metrics.prometheus_textfile=DIR/megatron_sl_{run}_{job_id}.prom
+#                          for node_exporter's textfile collector (--collector.textfile.directory=DIR
+#                          on the first node) where compute nodes cannot be scraped directly (default: off)
+#   Labels: run = run.output_dir's name, job_id = $SLURM_JOB_ID (the same across requeues), tp, dp.
+#   TensorBoard event files are written to <output_dir>/tensorboard (metrics.tensorboard=false: off).
 # Submission from outside Slurm (`NODES=4 bash slurm/llama7b_sl.sh`): NODES, TIME, PARTITION,
 #   ACCOUNT, QOS and SBATCH_ARGS become sbatch options (sbatch has no SBATCH_NODES variable).
 
@@ -76,6 +85,9 @@ msl_setup() {
   [ -n "${MSL_OUTPUT_DIR:-}" ] && OVERRIDES+=("run.output_dir=$MSL_OUTPUT_DIR")
   [ -n "${MSL_TP:-}" ] && OVERRIDES+=("parallel.tensor_parallel=$MSL_TP")
   [ -n "${MSL_ZERO:-}" ] && OVERRIDES+=("deepspeed.zero_stage=$MSL_ZERO")
+  [ -n "${MSL_PROMETHEUS_PORT:-}" ] && OVERRIDES+=("metrics.prometheus_port=$MSL_PROMETHEUS_PORT")
+  [ -n "${MSL_PROMETHEUS_TEXTFILE_DIR:-}" ] && \
+    OVERRIDES+=("metrics.prometheus_textfile=$MSL_PROMETHEUS_TEXTFILE_DIR/megatron_sl_{run}_{job_id}.prom")
   # shellcheck disable=SC2206
   [ -n "${MSL_OVERRIDES:-}" ] && OVERRIDES+=($MSL_OVERRIDES)
   OVERRIDES+=("$@")
@@ -112,6 +124,7 @@ msl_banner() {
     "time left $(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null || echo '?')"
   msl_log "rendezvous $MASTER_ADDR:$MASTER_PORT; python $PY; config $CONFIG"
   msl_log "overrides: ${OVERRIDES[*]}"
+  [ -n "${MSL_PROMETHEUS_PORT:-}" ] && msl_log "metrics: Prometheus scrape target $MASTER_ADDR:$MSL_PROMETHEUS_PORT (/metrics)"
   msl_log "env: OMP_NUM_THREADS=$OMP_NUM_THREADS CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS NCCL_DEBUG=$NCCL_DEBUG"
 }
 

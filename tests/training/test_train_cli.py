@@ -3,8 +3,8 @@
 1. ``megatron-sl train --config configs/tiny_sl.yaml ...`` starting its own torchrun ranks: run
    directory contents (resolved config, rendered DeepSpeed config, metrics, summary, checkpoint);
 2. the same trainer under the ``deepspeed`` launcher (``--module megatron_sl.cli.train``);
-3. ``megatron-sl demo``: data preparation + training + perplexity before/after + checkpoint
-   (offline ``pydoc`` corpus source), and its refusal of a bad variant;
+3. ``megatron-sl demo``: data preparation + training + perplexity before/after + checkpoint + run
+   report (offline ``pydoc`` corpus source), and its refusal of a bad variant;
 4. launcher environment mapping (Slurm / Open MPI variables -> torch's).
 """
 
@@ -40,7 +40,7 @@ def test_train_cli_launches_torchrun_and_writes_the_run_dir(tiny_data, tmp_path)
     assert "tok/s" in proc.stderr and "lr=" in proc.stderr  # the progress bar (rank 0 only)
     assert proc.stdout.count("[eval] before training") == 1  # only rank 0 reports
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "ds_config.json",
-                                                      "metrics.jsonl", "summary.json"]
+                                                      "metrics.jsonl", "summary.json", "tensorboard"]
     resolved = load_config(out / "config.yaml")
     assert resolved.train.train_iters == 8 and resolved.model.hidden_size == 64
     ds = json.loads((out / "ds_config.json").read_text())
@@ -80,6 +80,9 @@ def test_demo_end_to_end(tmp_path):
     ckpt = re.search(r"\[demo\] checkpoint: (\S+);", proc.stdout).group(1)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000010\n" and ckpt.endswith("step_00000010")
     assert (tmp_path / "data" / "demo").is_dir()
+    report = re.search(r"\[demo\] report \(plots \+ HTML summary\): (\S+)", proc.stdout).group(1)
+    assert report == str(out / "report" / "index.html")
+    assert all((out / "report" / png).is_file() for png in ("loss.png", "throughput.png", "step_time.png"))
 
 
 def test_demo_rejects_bad_variant_before_fetching(tmp_path, capsys):
