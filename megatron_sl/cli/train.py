@@ -113,8 +113,6 @@ def _main(argv=None) -> int:
     if not launched:
         from megatron_sl.training.launch import run_local_ranks
 
-        for change in plan.config_changes:
-            print(f"[resume] config change accepted: {change}", flush=True)
         extra = ["--dry-run"] if args.dry_run else []
         try:
             return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *overrides],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -232,7 +231,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
         existing = existing.parent
     if not existing.is_dir():
         _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(existing)!r} is a regular file, not a directory")
-    try:  # a real probe: os.access ignores read-only mounts for root and ACLs
+    try:  # a real probe: access(2) does not see every reason a write fails (root, ACLs, quotas)
         with tempfile.TemporaryFile(dir=existing, prefix=".write-probe-"):
             pass
     except OSError as e:

@@ -6,7 +6,6 @@ the watchdog's stack dump."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
