@@ -1,7 +1,9 @@
 """Graceful preemption: both ends of the signal path from Slurm (or a user) to the training ranks.
 
 Trainer side, ``PreemptionHandler``: SIGUSR1 / SIGTERM / SIGINT set a local flag (nothing else
-happens in the handler; a second SIGINT aborts the rank at once with exit code 130, no traceback). Once per step every rank calls ``should_stop(group)``, which all-reduces the flag (MAX),
+happens in the handler; a second SIGINT, at least ``DUPLICATE_WINDOW_S`` after the first, aborts the
+rank at once with exit code 130, no traceback; sooner it is the same interrupt delivered twice, e.g.
+by ``scancel --signal=INT`` directly and through the agent). Once per step every rank calls ``should_stop(group)``, which all-reduces the flag (MAX),
 so all ranks agree on the stopping step even when the signal reached them at different times; the
 trainer then finishes that step, writes a checkpoint and exits with ``EXIT_PREEMPTED`` = 75
 (EX_TEMPFAIL: "checkpointed, retry later"), which the Slurm scripts turn into ``scontrol requeue``.
@@ -34,12 +36,14 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 EXIT_PREEMPTED = 75
 EXIT_ABORTED = 130
+DUPLICATE_WINDOW_S = 1.0  # a second SIGINT sooner than this is a duplicate delivery, not a second Ctrl-C
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 SAVE_SIGNALS = (signal.SIGUSR2,)
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
@@ -85,14 +89,20 @@ class PreemptionHandler:
         self._save = False
         self.received: List[str] = []
         self._previous = {}
+        self._first_sigint: Optional[float] = None
 
     # -- handlers --------------------------------------------------------------------------
     def _handle(self, signum, frame) -> None:
         sig = signal.Signals(signum)
-        if sig == signal.SIGINT and "SIGINT" in self.received:
-            os.write(2, f"[preemption] rank {os.environ.get('RANK', '?')}: second SIGINT; aborting without a "
-                        f"checkpoint\n".encode())
-            os._exit(EXIT_ABORTED)
+        if sig == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None:
+                if now - self._first_sigint < DUPLICATE_WINDOW_S:
+                    return  # the same interrupt delivered twice (directly and forwarded by a launcher)
+                os.write(2, f"[preemption] rank {os.environ.get('RANK', '?')}: second SIGINT; aborting without a "
+                            f"checkpoint\n".encode())
+                os._exit(EXIT_ABORTED)
+            self._first_sigint = now
         self.received.append(sig.name)
         if sig in self.stop_signals:
             self._stop = True

@@ -289,3 +289,17 @@ def test_watchdog_dumps_stacks_and_exits_4():
     assert p.returncode == EXIT_STALLED, p.stderr
     assert "no progress for" in p.stderr and "while training step 7" in p.stderr
     assert "stuck_in_collective" in p.stderr  # faulthandler's dump of the main thread
+
+
+def test_rank_sigint_stops_and_a_later_second_one_aborts():
+    """In a rank, SIGINT is a stop request; a duplicate delivered within the window is ignored; a
+    real second one aborts with 130 and no traceback."""
+    code = ("import os, signal, sys, time\nfrom megatron_sl.training.preemption import PreemptionHandler\n"
+            "h = PreemptionHandler().install()\n"
+            "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+            "print('stop', h.stop_requested, h.received, flush=True)\n"
+            "time.sleep(1.1); os.kill(os.getpid(), signal.SIGINT); time.sleep(5); print('not aborted')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130, p.stdout + p.stderr
+    assert "stop True ['SIGINT']" in p.stdout and "not aborted" not in p.stdout
+    assert "second SIGINT; aborting" in p.stderr and "Traceback" not in p.stderr
