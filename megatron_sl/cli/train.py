@@ -131,6 +131,7 @@ def _main(argv=None) -> int:
 
         dry_run(cfg, plan)
         return 0
+    from megatron_sl.training.batches import CorruptDataError
     from megatron_sl.training.checkpoint import CheckpointError
     from megatron_sl.training.guards import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, Diverged
     from megatron_sl.training.preemption import EXIT_PREEMPTED
@@ -138,7 +139,7 @@ def _main(argv=None) -> int:
 
     try:
         return EXIT_PREEMPTED if train(cfg, plan, handler).get("preempted") else 0
-    except ConfigError as e:  # e.g. the run directory is locked (checked again in the ranks under external launchers)
+    except (ConfigError, CorruptDataError) as e:  # e.g. a locked run directory (under external launchers)
         if rank == 0:
             print(f"megatron-sl train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_CONFIG

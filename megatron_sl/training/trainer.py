@@ -189,7 +189,7 @@ class Trainer:
         for i in range(self.cfg.eval.iters):
             self.watchdog.beat(f"validating (batch {i}) after step {self.step}")
             batch = collate(self.valid_ds, eval_sample_start(i, p.micro_batch_size, p.dp, self.dp_rank),
-                            p.micro_batch_size, self.tdev)
+                            p.micro_batch_size, self.tdev, p.tokenizer_vocab_size)
             loss = per_token_loss(self.engine, batch)
             mask = batch["loss_mask"].to(torch.float64)
             acc[0] += (loss.double() * mask).sum()
@@ -214,7 +214,7 @@ class Trainer:
         losses = torch.zeros(1, dtype=torch.float64, device=self.tdev)
         for m in range(p.grad_accum):
             start = train_sample_start(self.step, m, p.global_batch_size, p.micro_batch_size, p.dp, self.dp_rank)
-            batch = collate(self.train_ds, start, p.micro_batch_size, self.tdev)
+            batch = collate(self.train_ds, start, p.micro_batch_size, self.tdev, p.tokenizer_vocab_size)
             loss = masked_mean(per_token_loss(self.engine, batch), batch["loss_mask"])
             losses += loss.detach().double()
             if m == p.grad_accum - 1:  # judged before the last backward: per-layer engines update inside it

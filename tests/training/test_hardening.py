@@ -303,3 +303,24 @@ def test_rank_sigint_stops_and_a_later_second_one_aborts():
     assert p.returncode == 130, p.stdout + p.stderr
     assert "stop True ['SIGINT']" in p.stdout and "not aborted" not in p.stdout
     assert "second SIGINT; aborting" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_corrupt_tokens_beyond_the_prelaunch_scan_fail_naming_the_file(tiny_data, tmp_path, monkeypatch):
+    """Data too large for the pre-launch scan (simulated by a scan limit of 0 tokens): every batch's
+    ids are checked against the vocabulary on the host before the embedding sees them."""
+    import numpy as np
+
+    from megatron_sl.training.batches import CorruptDataError, collate
+    from megatron_sl.training.data import build_datasets, datasets
+
+    prefix, tok = _copy_data(tiny_data, tmp_path / "big")
+    tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+    tokens[5000:5004] = 0xFFFF
+    tokens.flush()
+    del tokens
+    monkeypatch.setattr(datasets, "MAX_TOKENS_TO_SCAN", 0)
+    train, _ = build_datasets(prefix, tok, 32, split="100", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CorruptDataError, match=r"big/d_text_document\.bin is corrupt: sample \d+ holds (tokens|labels) "
+                                               r"id 65535 but the tokenizer has 512 pieces"):
+        for start in range(0, len(train) - 4, 4):
+            collate(train, start, 4, "cpu", 512)
