@@ -6,6 +6,8 @@ Owns the command line only; the work is :mod:`megatron_sl.training.data.preproce
         --output-prefix out/name [--tokenizer-model tok.model | --vocab-size 8000] \\
         [--append-eod] --workers N [--max-docs N]
     megatron-sl prepare-data --demo [--data-dir data]   # fetch the demo corpus and prepare it
+    megatron-sl prepare-data --fingerprint PREFIX --tokenizer-model tok.model   # data made elsewhere:
+        record its tokenizer (writes PREFIX.meta.json, which training checks the tokenizer against)
 
 Exit codes: 0 done; 2 bad arguments or data (one message naming the bad value; nothing written).
 """
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     parser.add_argument("--demo", action="store_true",
                         help="fetch the demo corpus (Jane Austen from Debian, or a fallback) and prepare it")
+    parser.add_argument("--fingerprint", metavar="PREFIX",
+                        help="write the meta file of existing indexed data PREFIX (prepared without this tool), "
+                             "recording --tokenizer-model as its tokenizer")
     parser.add_argument("--data-dir", default="data", help="with --demo: where raw/ and demo/ go (default: data)")
     return parser
 
@@ -59,6 +64,11 @@ def main(argv=None) -> int:
     from megatron_sl.training.data import preprocess
 
     try:
+        if args.fingerprint:
+            if not args.tokenizer_model:
+                raise DataError("--fingerprint needs --tokenizer-model (the tokenizer the data was made with)")
+            print(f"meta file: {preprocess.fingerprint_existing(args.fingerprint, args.tokenizer_model)}")
+            return 0
         if args.demo:
             extra = [flag for flag, value in (("--input", args.input), ("--output-prefix", args.output_prefix),
                                               ("--tokenizer-model", args.tokenizer_model),

@@ -5,8 +5,22 @@ message naming the bad key/value, nothing written, no rank started), then start 
 torchrun. Inside a launcher (torchrun, ``deepspeed``, srun, mpirun): validate again for the
 launcher's world size, then train this rank. ``--check`` validates and prints the plan only;
 ``--dry-run`` builds the sharded model on every rank and prints per-rank parameter and memory
-figures without training. Exit codes: 0 done, 2 bad config, 75 (EX_TEMPFAIL) stopped by
-SIGUSR1/SIGTERM after committing a checkpoint (rerun the same command to resume).
+figures without training. Overrides and options may be mixed in any order.
+
+Exit codes: 0 done; 1 crash; 2 bad input (config, data, run directory locked by another run,
+refused resume; one message, no rank started); 3 diverged (``guard.max_bad_steps`` consecutive
+NaN/inf or spiking losses; the last good checkpoint is kept); 4 stalled (a step exceeded
+``guard.step_timeout_s``; stack dumps on stderr); 5 a checkpoint could not be written (e.g. disk
+full; earlier checkpoints intact); 75 (EX_TEMPFAIL) stopped by SIGUSR1/SIGTERM/SIGINT after
+committing a checkpoint (rerun the same command to resume); 130 aborted by a second SIGINT.
+
+Signals: SIGUSR1, SIGTERM or SIGINT (Ctrl-C) to this process (or its process group) reach every
+rank once; each finishes its step, one checkpoint is committed and the command exits 75. A second
+SIGINT aborts at once without a checkpoint. SIGUSR2 saves a checkpoint and continues. The ranks
+die with the launcher (even after ``kill -9``) and the launcher never exits while a rank lives.
+
+Resume: a changed config is compared with the checkpoint's; changes to what training means are
+refused unless ``--allow-config-change KEY[,KEY]`` (or SECTION) names them.
 The ``deepspeed`` launcher's ``--local_rank=N`` argument is accepted and ignored (LOCAL_RANK is in
 the environment).
 
@@ -22,8 +36,12 @@ import argparse
 import os
 import sys
 
+from pathlib import Path
+
 from megatron_sl.training.config import ConfigError, load_config
 from megatron_sl.training.distributed import in_launcher, rank_env
+from megatron_sl.training.guards import EXIT_ABORTED, EXIT_BAD_CONFIG
+from megatron_sl.training.runlock import RunLock
 from megatron_sl.training.validate import make_plan
 
 
@@ -35,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config and print the plan; do not train")
     p.add_argument("--dry-run", action="store_true",
                    help="build the sharded model on every rank, print per-rank parameter/memory figures; no training")
+    p.add_argument("--allow-config-change", metavar="KEY[,KEY]", action="append", default=[],
+                   help="accept these changed config keys (or sections) when resuming from a checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -49,17 +69,43 @@ def describe(plan) -> str:
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    launched = in_launcher()
-    rank = rank_env().rank if launched else 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the signal handling is set up: no traceback
+        print("megatron-sl train: interrupted", file=sys.stderr)
+        return EXIT_ABORTED
+
+
+def _allow_overrides(values) -> list:
+    keys = [k.strip() for v in values for k in v.split(",") if k.strip()]
+    return [f"run.allow_config_change={keys!r}"] if keys else []
+
+
+def _main(argv=None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    launched = in_launcher()
+    if launched:
+        from megatron_sl.training.launch import die_with_parent
+
+        die_with_parent()
+    rank = rank_env().rank if launched else 0
+    overrides = [*args.overrides, *_allow_overrides(args.allow_config_change)]
+    lock = None
+    try:
+        cfg = load_config(args.config, overrides)
         world = rank_env().world_size if launched else cfg.launch.nproc_per_node
+        want_lock = not launched and not args.check and not args.dry_run
+        if want_lock and Path(cfg.run.output_dir).is_dir():  # another run's files are no config error
+            lock = RunLock(cfg.run.output_dir).acquire()
         plan = make_plan(cfg, world)
+        if want_lock and lock is None:  # a new directory: created only once everything checked out
+            lock = RunLock(cfg.run.output_dir).acquire()
     except ConfigError as e:
+        if lock is not None:
+            lock.release()
         if rank == 0:
             print(f"megatron-sl train: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_CONFIG
     if args.check:
         if rank == 0:
             print(f"config OK: {describe(plan)}")
@@ -68,8 +114,12 @@ def main(argv=None) -> int:
         from megatron_sl.training.launch import run_local_ranks
 
         extra = ["--dry-run"] if args.dry_run else []
-        return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *args.overrides],
-                               cfg.launch.master_port)
+        try:
+            return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *overrides],
+                                   cfg.launch.master_port, lock=lock)
+        finally:
+            if lock is not None:
+                lock.release()
     from megatron_sl.training.preemption import PreemptionHandler
 
     handler = PreemptionHandler().install()  # before the slow imports: a stop signal during set-up is kept
@@ -81,10 +131,26 @@ def main(argv=None) -> int:
 
         dry_run(cfg, plan)
         return 0
+    from megatron_sl.training.batches import CorruptDataError
+    from megatron_sl.training.checkpoint import CheckpointError
+    from megatron_sl.training.guards import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, Diverged
     from megatron_sl.training.preemption import EXIT_PREEMPTED
     from megatron_sl.training.trainer import train
 
-    return EXIT_PREEMPTED if train(cfg, plan, handler).get("preempted") else 0
+    try:
+        return EXIT_PREEMPTED if train(cfg, plan, handler).get("preempted") else 0
+    except (ConfigError, CorruptDataError) as e:  # e.g. a locked run directory (under external launchers)
+        if rank == 0:
+            print(f"megatron-sl train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_CONFIG
+    except Diverged as e:
+        if rank == 0:
+            print(f"megatron-sl train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except CheckpointError as e:
+        if rank == 0:
+            print(f"megatron-sl train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT_FAILED
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ s·G + m·(micro·DP) + d·micro (megatron's pretraining-sampler order). TP rank
 the same samples. So ``consumed_samples = step · G`` is the whole data position, which makes exact
 resumption a matter of restoring the step. Validation uses a fixed held-out set: the first
 ``eval.iters · micro · DP`` samples of the validation dataset, the same at every evaluation.
+
+``collate(..., vocab_size=V)`` also checks every token id of the batch against the tokenizer's
+vocabulary (on the host, before the copy to the device): data too large for the pre-launch scan
+that is corrupt fails with ``CorruptDataError`` naming the data file and the sample, not with an
+index error deep in the embedding.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -26,12 +31,30 @@ def eval_sample_start(eval_idx: int, micro: int, dp: int, dp_rank: int) -> int:
     return eval_idx * micro * dp + dp_rank * micro
 
 
-def collate(dataset, start: int, count: int, device) -> Dict[str, torch.Tensor]:
+class CorruptDataError(RuntimeError):
+    """A batch holds a token id outside the tokenizer's vocabulary; the message names the data file."""
+
+
+def _check_ids(dataset, start: int, key: str, ids: torch.Tensor, vocab_size: int) -> None:
+    top = int(ids.max()) if ids.numel() else -1
+    low = int(ids.min()) if ids.numel() else 0
+    if top >= vocab_size or low < 0:
+        row = int(((ids >= vocab_size) | (ids < 0)).any(dim=-1).nonzero()[0])
+        prefix = getattr(getattr(dataset, "dataset", None), "path_prefix", None) or "the training data"
+        raise CorruptDataError(f"{prefix}.bin is corrupt: sample {start + row} holds {key} id "
+                               f"{top if top >= vocab_size else low} but the tokenizer has {vocab_size} pieces "
+                               "(prepare the data again)")
+
+
+def collate(dataset, start: int, count: int, device, vocab_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
     samples: Sequence[dict] = [dataset[i] for i in range(start, start + count)]
     batch = {}
     for key in BATCH_KEYS:
         if key in samples[0] and samples[0][key] is not None:
-            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device, non_blocking=True)
+            value = torch.stack([torch.as_tensor(s[key]) for s in samples])
+            if vocab_size is not None and key in ("tokens", "labels"):
+                _check_ids(dataset, start, key, value, vocab_size)
+            batch[key] = value.to(device, non_blocking=True)
     if "attention_mask" not in batch:
         batch["attention_mask"] = None
     return batch

@@ -22,9 +22,21 @@ sees, the usual shared FS of a cluster — checked on every save):
    ``os.replace``, fsync of the directory) and prunes to the newest ``keep_last`` checkpoints.
 5. barrier, so no rank exits (e.g. with code 75 after a preemption signal) before the commit.
 
+Disk space: before writing, rank 0 compares the free space of the filesystem with the size of
+the newest checkpoint (or the caller's estimate for a first save); too little, or a write error
+on any rank (ENOSPC, EIO, ...), raises one ``CheckpointError`` on every rank naming the path and
+the space needed, after removing the temp directory. Earlier checkpoints are untouched.
+
 A crash anywhere before the rename leaves only a ``.tmp-*`` directory and ``latest`` unchanged;
 between the rename and the pointer update it leaves a complete, verifiable ``step_N`` that resume
-picks up (it is the newest complete checkpoint).
+picks up (it is the newest complete checkpoint). A missing, dangling or stale ``latest`` is
+repaired to name the checkpoint resumed from, with a warning.
+
+Pruning keeps the ``keep_last`` newest complete checkpoints plus whatever ``latest`` and
+``last_good`` name (``save(..., good=False)`` leaves ``last_good`` on the checkpoint before a run of
+bad steps). Interrupted saves (``.tmp-*``) are removed; ``step_N.abandoned-*`` directories (a
+timeline given up when an older checkpoint was resumed) are removed once the run has passed step
+N again, and at most ``keep_last`` of them are kept.
 
 Resume (``find_resumable``): candidates are the ``step_*`` directories, newest first. Each is
 verified against its manifest (every file present, same size, same checksum — hashing again split
@@ -43,6 +55,7 @@ Engine state goes through a small adapter: ``DeepSpeedState`` (``engine.save_che
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -62,6 +75,9 @@ import torch.distributed as dist
 
 FORMAT = "megatron-sl-checkpoint/1"
 LATEST = "latest"
+LAST_GOOD = "last_good"   # pointer to the newest checkpoint saved before a run of bad steps (never pruned)
+RUN_CONFIG = "run_config.json"
+ABANDONED_RE = re.compile(r"^step_(\d{8,})\.abandoned-\d+$")
 MANIFEST = "manifest.json"
 CLIENT_STATE = "client_state.pt"
 ENGINE_DIR = "engine"
@@ -176,6 +192,15 @@ def file_checksum(path: Path, algo: str, fsync: bool = False) -> str:
                 c = zlib.crc32(chunk, c)
             return f"{c:08x}"
     raise ValueError(f"unknown checksum {algo!r}; expected one of {HASHES}")
+
+
+def _human(n: Optional[float]) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _list_files(root: Path) -> List[str]:
@@ -435,12 +460,16 @@ class CheckpointManager:
 
     # -- save ------------------------------------------------------------------------------
     def save(self, step: int, engine_or_state_fns, client_state: Optional[dict] = None, *,
-             model: Optional[torch.nn.Module] = None) -> Path:
+             model: Optional[torch.nn.Module] = None, run_config: Optional[dict] = None, good: bool = True,
+             expected_bytes: Optional[int] = None) -> Path:
         """Write checkpoint ``step`` atomically (all ranks call this); returns its directory.
 
         ``client_state``: the run position and settings (step, consumed samples, resolved config,
         LR scheduler state if the engine does not hold it, ...), written by rank 0. Each rank also
         stores its RNG states and the SL support metadata of ``model`` (default: the engine's module).
+        ``run_config``: a JSON-able record written as ``run_config.json`` (read without torch before a
+        resume, see ``training.resume_check``). ``good``: False keeps ``last_good`` on the previous
+        good checkpoint. ``expected_bytes``: size estimate for the free-space check of a first save.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} must be a non-negative integer")
@@ -455,8 +484,10 @@ class CheckpointManager:
         final = self.root / name
         tmp = self.root / f"{TMP_PREFIX}{name}"
 
-        # 1. temp dir (rank 0), seen by every rank; an existing committed step_N is kept as is
-        exists = None
+        # 1. temp dir (rank 0), seen by every rank; an existing committed step_N is kept as is. Free
+        # space is checked first (rank 0 decides for all: a rank failing inside DeepSpeed's save
+        # would leave the others waiting in its barrier)
+        exists, short = None, None
         if comm.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             self._clean_leftovers()
@@ -469,8 +500,12 @@ class CheckpointManager:
                 if not exists:
                     final.rename(self.root / f"{TRASH_PREFIX}{name}-{time.time_ns()}")
             if not exists:
-                tmp.mkdir()
-        exists = comm.broadcast(exists)
+                short = self._space_problem(expected_bytes)
+                if short is None:
+                    tmp.mkdir()
+        exists, short = comm.broadcast((exists, short))
+        if short is not None:
+            raise CheckpointError(short)
         if exists:
             if comm.rank == 0:
                 self._update_latest(name)
@@ -490,14 +525,25 @@ class CheckpointManager:
             engine_dir.mkdir()
             (tmp / RANKS_DIR).mkdir()
         comm.barrier()
-        state_io.save_state(engine_dir)
-        torch_save_durable({"rank": comm.rank, "world_size": comm.world, "rng": capture_rng_state(),
-                            "sl_support": sl_support_metadata(model)},
-                           tmp / RANKS_DIR / f"rank_{comm.rank:05d}.pt")
-        if comm.rank == 0:
-            torch_save_durable(client_state, tmp / CLIENT_STATE)
-        self._fault("after_write")
-        comm.barrier()
+        error = None
+        try:
+            state_io.save_state(engine_dir)
+            torch_save_durable({"rank": comm.rank, "world_size": comm.world, "rng": capture_rng_state(),
+                                "sl_support": sl_support_metadata(model)},
+                               tmp / RANKS_DIR / f"rank_{comm.rank:05d}.pt")
+            if comm.rank == 0:
+                torch_save_durable(client_state, tmp / CLIENT_STATE)
+                if run_config is not None:
+                    write_durable(tmp / RUN_CONFIG, (json.dumps(run_config, indent=1, sort_keys=True) + "\n").encode())
+            self._fault("after_write")
+        except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as RuntimeError (iostream error)
+            error = self._write_error(tmp, e)
+        errors = [e for e in comm.all_gather(error) if e is not None]
+        if errors:
+            if comm.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            comm.barrier()
+            raise CheckpointError(errors[0])
 
         # 3. fsync + checksum, split over the ranks
         files = comm.broadcast(_list_files(tmp) if comm.rank == 0 else None)
@@ -515,14 +561,24 @@ class CheckpointManager:
                         "created_unix": time.time(),
                         "client": {k: client_state[k] for k in ("step", "consumed_samples") if k in client_state},
                         "files": {rel: entries[rel] for rel in files}}
-            write_durable(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            try:
+                write_durable(tmp / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+            except OSError as e:
+                error = self._write_error(tmp, e)
+                shutil.rmtree(tmp, ignore_errors=True)
+        error = comm.broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
+        if comm.rank == 0:
             for d in sorted({(tmp / rel).parent for rel in files} | {tmp}, key=lambda p: -len(p.parts)):
                 fsync_dir(d)
             self._fault("before_rename")
             os.rename(tmp, final)
             fsync_dir(self.root)
             self._fault("after_rename")
+            previous = self.read_latest()
             self._update_latest(name)
+            self._mark_good(name, good, previous)
             self._fault("after_latest")
             self._prune(step)
         comm.barrier()
@@ -530,6 +586,50 @@ class CheckpointManager:
 
     def _update_latest(self, name: str) -> None:
         replace_durable(self.root / LATEST, (name + "\n").encode())
+
+    def _mark_good(self, name: str, good: bool, previous: Optional[str]) -> None:
+        """``last_good`` exists only while the newest checkpoints were saved during bad steps: it
+        then names the newest checkpoint from before them (kept by ``_prune``)."""
+        pointer = self.root / LAST_GOOD
+        if good:
+            if pointer.exists():
+                pointer.unlink()
+                fsync_dir(self.root)
+        elif not pointer.exists() and previous and STEP_RE.match(previous) and previous != name:
+            replace_durable(pointer, (previous + "\n").encode())
+
+    def last_good(self) -> Optional[str]:
+        """The checkpoint kept as the last good one, if the newest ones were saved during bad steps."""
+        return self._read_pointer(LAST_GOOD)
+
+    def _checkpoint_bytes(self) -> Optional[int]:
+        """Size of the newest complete checkpoint (from its manifest), None without one."""
+        for info in self.complete():
+            return sum(int(f.get("size", 0)) for f in info.manifest["files"].values())
+        return None
+
+    def _space_problem(self, expected_bytes: Optional[int]) -> Optional[str]:
+        need = self._checkpoint_bytes() or expected_bytes
+        if not need:
+            return None
+        free = shutil.disk_usage(self.root).free
+        if free >= need * 1.05 + (1 << 20):
+            return None
+        return (f"not enough space to write a checkpoint in {self.root}: {_human(free)} free, about {_human(need)} "
+                f"needed (free some space or point run.output_dir elsewhere; earlier checkpoints are intact)")
+
+    def _write_error(self, tmp: Path, e: BaseException) -> str:
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = 0
+        need = self._checkpoint_bytes()
+        written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+        need_s = f"about {_human(need)}" if need else f"more than the {_human(written)} written so far"
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or free < (1 << 20) or "iostream" in str(e)
+        cause = "no space left on device" if full else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return (f"cannot write checkpoint {tmp} ({cause}): {_human(free)} free, {need_s} needed; the partial "
+                f"checkpoint was removed and earlier checkpoints are intact")
 
     def _clean_leftovers(self) -> None:
         """Remove interrupted saves and half-deleted checkpoints (rank 0, before a save)."""
@@ -539,10 +639,13 @@ class CheckpointManager:
 
     def _prune(self, current: int) -> None:
         """Keep the ``keep_last`` newest complete checkpoints up to ``current`` (and whatever ``latest``
-        names). Directories of steps after ``current`` belong to an abandoned timeline (the run resumed
-        from an older checkpoint because they did not verify): renamed ``step_N.abandoned-<ns>``, not
-        deleted. Deletion renames to ``.trash-*`` first so a half-deleted directory never looks complete."""
+        and ``last_good`` name). Directories of steps after ``current`` belong to an abandoned timeline
+        (the run resumed from an older checkpoint because they did not verify): renamed
+        ``step_N.abandoned-<ns>``, not deleted, until the run passes step N again (at most
+        ``keep_last`` kept). Deletion renames to ``.trash-*`` first so a half-deleted directory never
+        looks complete; interrupted saves (``.tmp-*``) are removed."""
         latest = self.read_latest()
+        pinned = {latest, self._read_pointer(LAST_GOOD)}
         kept = 0
         for info in self.complete():
             if info.step > current:
@@ -552,14 +655,25 @@ class CheckpointManager:
                               f"resumed from an older checkpoint, so it was moved to {dst.name}", CheckpointWarning,
                               stacklevel=3)
                 continue
-            if kept < self.keep_last or info.path.name == latest:
+            if kept < self.keep_last or info.path.name in pinned:
                 kept += 1
                 continue
             info.path.rename(self.root / f"{TRASH_PREFIX}{info.path.name}-{time.time_ns()}")
+        abandoned = sorted(((int(m.group(1)), p.name, p) for p in self.root.iterdir()
+                            if p.is_dir() and (m := ABANDONED_RE.match(p.name))), reverse=True)
+        for i, (step, _, path) in enumerate(abandoned):
+            if step <= current or i >= self.keep_last:
+                path.rename(self.root / f"{TRASH_PREFIX}{path.name}")
         for p in self.root.iterdir():
-            if p.name.startswith(TRASH_PREFIX):
+            if p.name.startswith(TRASH_PREFIX) or (p.is_dir() and p.name.startswith(TMP_PREFIX)):
                 shutil.rmtree(p, ignore_errors=True)
         fsync_dir(self.root)
+
+    def _read_pointer(self, name: str) -> Optional[str]:
+        try:
+            return (self.root / name).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     # -- verify / resume -------------------------------------------------------------------
     def _verify_files(self, path: Path, manifest: dict, files: Sequence[str]) -> List[str]:
@@ -620,11 +734,20 @@ class CheckpointManager:
                 if comm.rank == 0:
                     warnings.warn(f"{e}; falling back to the previous checkpoint", CheckpointWarning, stacklevel=2)
                 continue
-            m = STEP_RE.match(latest or "")
-            if m and int(m.group(1)) < info.step and comm.rank == 0:
-                warnings.warn(f"{self.root / LATEST} names {latest!r} but the newest complete checkpoint is {d.name} "
-                              f"(a save was interrupted after its rename, or the pointer is stale); resuming from "
-                              f"{d.name}", CheckpointWarning, stacklevel=2)
+            if latest != d.name and comm.rank == 0:
+                if latest is None:
+                    why = f"{self.root / LATEST} is missing"
+                elif (self.root / latest).is_dir() or not STEP_RE.match(latest):
+                    why = (f"{self.root / LATEST} names {latest!r} but the newest complete checkpoint is {d.name} "
+                           "(a save was interrupted after its rename, or the pointer is stale)")
+                else:
+                    why = f"{self.root / LATEST} names {latest!r}, which does not exist (a dangling pointer)"
+                warnings.warn(f"{why}; resuming from {d.name} and repairing the pointer", CheckpointWarning,
+                              stacklevel=2)
+                try:
+                    self._update_latest(d.name)
+                except OSError as e:
+                    warnings.warn(f"cannot repair {self.root / LATEST}: {e}", CheckpointWarning, stacklevel=2)
             return info
         if failures or latest is not None:
             detail = "; ".join(failures) if failures else f"{LATEST} names {latest!r} but no step_* directory exists"

@@ -17,9 +17,11 @@ YAML layout (every section optional, defaults below)::
     parallel: {tensor_parallel, sequence_parallel}
     deepspeed: {zero_stage, config_template, extra}
     eval:     {interval, iters, at_start}
-    run:      {output_dir, overwrite, log_interval, progress_bar, save_at_end}
+    run:      {output_dir, overwrite, log_interval, progress_bar, save_at_end, save_interval, keep_last, resume,
+               allow_config_change}
     launch:   {nproc_per_node, master_port, device}
     metrics:  {jsonl, tensorboard, wandb, prometheus_port, prometheus_textfile, peak_tflops, ...}
+    guard:    {skip_nonfinite, spike_factor, spike_window, max_bad_steps, step_timeout_s}
 
 Overrides use dotted keys, values parsed as YAML: ``optim.lr=1e-3 model.num_layers=2
 deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0``.
@@ -170,6 +172,9 @@ class RunSection:
     at the end (``save_at_end``), on SIGUSR2, and on SIGUSR1/SIGTERM before exiting with code 75.
     With ``resume`` (default) a run whose directory holds checkpoints continues from the newest
     complete one; a run directory with outputs but no checkpoints is refused unless ``overwrite``.
+    Resuming with a config that changes what training means (model, SL, data, seed, optimizer,
+    layout; see ``training.resume_check``) is refused unless ``allow_config_change`` names the keys
+    (or sections); ``megatron-sl train --allow-config-change KEY[,KEY]`` sets it.
     """
 
     output_dir: str = "runs/default"
@@ -180,6 +185,7 @@ class RunSection:
     save_interval: int = 0
     keep_last: int = 3
     resume: bool = True
+    allow_config_change: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -227,6 +233,24 @@ class MetricsSection:
     run_name: Optional[str] = None
     job_id: Optional[str] = None
     peak_tflops: Optional[float] = None
+class GuardSection:
+    """Run-time guards (``training.guards``).
+
+    A step whose global loss is NaN/inf (``skip_nonfinite``) or above ``spike_factor`` x the mean
+    of the last ``spike_window`` good losses (``spike_factor`` 0 = no spike check) is skipped: the
+    optimizer does not step (parameters and optimizer state untouched), the LR schedule and the
+    data position advance, and the step is counted in ``metrics.jsonl`` (``skipped_steps``).
+    ``max_bad_steps`` consecutive bad steps stop the run with exit code 3 (``EXIT_DIVERGED``); the
+    last checkpoint saved before the bad steps is kept outside the ``run.keep_last`` window.
+    ``step_timeout_s`` > 0: a step (or a validation batch / checkpoint save) that takes longer
+    dumps every thread's stack (faulthandler) and exits with code 4 (``EXIT_STALLED``); 0 = off.
+    """
+
+    skip_nonfinite: bool = True
+    spike_factor: float = 0.0
+    spike_window: int = 20
+    max_bad_steps: int = 5
+    step_timeout_s: float = 1800.0
 
 
 @dataclasses.dataclass
@@ -242,6 +266,7 @@ class TrainConfig:
     run: RunSection = dataclasses.field(default_factory=RunSection)
     launch: LaunchSection = dataclasses.field(default_factory=LaunchSection)
     metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
+    guard: GuardSection = dataclasses.field(default_factory=GuardSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,6 +287,9 @@ CHOICES = {
 }
 
 
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number"}
+
+
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` if it matches annotation ``tp`` (ints accepted for floats), else raise."""
     origin = typing.get_origin(tp)
@@ -270,6 +298,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if value is None:
             return None
         return _check_type(key, value, args[0])
+    if value is None:  # ``key=`` on the command line or ``key:`` in YAML
+        if tp is str:
+            return ""
+        raise ConfigError(f"config key {key} is empty: expected {_EXPECTED.get(tp, 'a value')}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -290,6 +322,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # data.split=100 read as a number
+            return str(value)
         raise ConfigError(f"config key {key}={value!r}: expected a string")
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):

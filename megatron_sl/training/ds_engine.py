@@ -57,6 +57,7 @@ class DeepSpeedTrainEngine:
             lr_scheduler=lambda opt: LambdaLR(opt, schedule.lr_lambda))
         self.grad_norm: Optional[float] = None
         self.lr: float = schedule.lr_at(0)
+        self.peak_lr = schedule.peak_lr
 
     @property
     def module(self) -> torch.nn.Module:
@@ -132,3 +133,18 @@ class DeepSpeedTrainEngine:
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state in {directory}/ds")
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        """The loaded LambdaLR brings back the old run's base LRs (and the optimizer its last LR): put
+        this run's peak LR and schedule in force, so an allowed ``optim.lr``/schedule change takes
+        effect from the first step after resume (a no-op when nothing changed)."""
+        sched = self.lr_scheduler
+        if sched is None:
+            return
+        sched.base_lrs = [self.peak_lr] * len(sched.base_lrs)
+        lrs = [base * lmbda(sched.last_epoch) for base, lmbda in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs):
+            group["initial_lr"] = self.peak_lr
+            group["lr"] = lr
+        sched._last_lr = lrs

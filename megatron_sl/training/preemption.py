@@ -1,7 +1,9 @@
 """Graceful preemption: both ends of the signal path from Slurm (or a user) to the training ranks.
 
-Trainer side, ``PreemptionHandler``: SIGUSR1 / SIGTERM set a local flag (nothing else happens in the
-handler). Once per step every rank calls ``should_stop(group)``, which all-reduces the flag (MAX),
+Trainer side, ``PreemptionHandler``: SIGUSR1 / SIGTERM / SIGINT set a local flag (nothing else
+happens in the handler; a second SIGINT, at least ``DUPLICATE_WINDOW_S`` after the first, aborts the
+rank at once with exit code 130, no traceback; sooner it is the same interrupt delivered twice, e.g.
+by ``scancel --signal=INT`` directly and through the agent). Once per step every rank calls ``should_stop(group)``, which all-reduces the flag (MAX),
 so all ranks agree on the stopping step even when the signal reached them at different times; the
 trainer then finishes that step, writes a checkpoint and exits with ``EXIT_PREEMPTED`` = 75
 (EX_TEMPFAIL: "checkpointed, retry later"), which the Slurm scripts turn into ``scontrol requeue``.
@@ -12,13 +14,16 @@ Launcher side, ``torchrun_main`` (``python -m megatron_sl.training.preemption <t
 node's torchrun with two fixes for preemption, used by ``slurm/*.sh``:
 
 * torchrun does not handle SIGUSR1 (default action: the agent dies, its workers are orphaned and
-  then killed when the step ends; torchrun's optional ``--signals-to-handle`` would instead tear the
-  workers down with the signal and SIGKILL them after ``--shutdown-timeout``).
-  Here the agent blocks SIGUSR1/SIGUSR2 and a thread forwards them to its worker processes. The
-  block is inherited by the workers, so a signal that arrives while a worker is still importing
-  stays pending instead of killing it; ``PreemptionHandler.install`` unblocks it and it is
-  delivered then. (Under Slurm, ``srun``/``scancel --signal`` also signal every process of the
-  step directly; a worker seeing the signal twice is harmless.)
+  then killed when the step ends) and turns SIGTERM/SIGINT into tearing the workers down (SIGTERM,
+  then SIGKILL after a timeout) instead of letting them checkpoint.
+  Here the agent blocks SIGUSR1/SIGUSR2/SIGTERM/SIGINT and a thread forwards them to its worker
+  processes (which torchrun starts in sessions of their own, so a terminal's Ctrl-C reaches them
+  only this way); a SIGINT after a stop signal kills the workers at once (exit 130). The block is
+  inherited by the workers, so a signal that arrives while a worker is still importing stays
+  pending instead of killing it; ``PreemptionHandler.install`` unblocks it and it is delivered
+  then. (Under Slurm, ``srun``/``scancel --signal`` also signal every process of the step
+  directly; a worker seeing a stop signal twice is harmless.) The agent dies with its parent and
+  the workers with the agent (``PR_SET_PDEATHSIG``, ``training.launch.die_with_parent``).
 * torchrun exits 1 whenever a worker exits non-zero. Here the exit code is 75 when workers exited
   with 75 and none crashed (``exit_code_for``), so a preempted node reports 75 to ``srun``; with
   ``MSL_NODE_EXIT_DIR`` set, each node also records "<code> <kind>" for the batch script
@@ -31,14 +36,20 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
 
 EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_ABORTED = 130
+DUPLICATE_WINDOW_S = 1.0  # a second SIGINT sooner than this is a duplicate delivery, not a second Ctrl-C
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 SAVE_SIGNALS = (signal.SIGUSR2,)
-FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# exit codes of megatron-sl train whose reason the rank already printed in one line (training.guards)
+EXPLAINED_EXIT_CODES = {2: "bad input", 3: "diverged", 4: "stalled", 5: "checkpoint not written",
+                        EXIT_ABORTED: "aborted"}
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,20 @@ class PreemptionHandler:
         self._save = False
         self.received: List[str] = []
         self._previous = {}
+        self._first_sigint: Optional[float] = None
 
     # -- handlers --------------------------------------------------------------------------
     def _handle(self, signum, frame) -> None:
         sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is not None:
+                if now - self._first_sigint < DUPLICATE_WINDOW_S:
+                    return  # the same interrupt delivered twice (directly and forwarded by a launcher)
+                os.write(2, f"[preemption] rank {os.environ.get('RANK', '?')}: second SIGINT; aborting without a "
+                            f"checkpoint\n".encode())
+                os._exit(EXIT_ABORTED)
+            self._first_sigint = now
         self.received.append(sig.name)
         if sig in self.stop_signals:
             self._stop = True
@@ -178,27 +199,48 @@ def child_pids(parent: Optional[int] = None) -> List[int]:
     return out
 
 
-def _forward_loop(sigs: Sequence[signal.Signals], poll_s: float = 0.5) -> None:
-    """Forward each signal in ``sigs`` to this process's children. A signal that arrives before any
-    worker exists (the agent is still rendezvousing) is kept and forwarded once workers appear."""
-    pending: List[signal.Signals] = []
-    while True:
-        info = signal.sigtimedwait(set(sigs), poll_s)
-        if info is not None:
-            pending.append(signal.Signals(info.si_signo))
-        if not pending:
-            continue
-        kids = child_pids()
-        if not kids:
-            continue
-        os.write(2, f"[torchrun-node] forwarding {[s.name for s in pending]} to workers {kids}\n".encode())
-        for sig in pending:
-            for pid in kids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        pending.clear()
+class _Forwarder:
+    """The agent's signal thread: forwards each signal in ``sigs`` to this process's children (the
+    workers). A signal that arrives before any worker exists (the agent is still rendezvousing) is
+    kept and forwarded once workers appear. A SIGINT after a stop signal kills the workers."""
+
+    def __init__(self, sigs: Sequence[signal.Signals], poll_s: float = 0.5):
+        self.sigs, self.poll_s = tuple(sigs), poll_s
+        self.stop_seen = False
+        self.aborted = False
+
+    def run(self) -> None:
+        pending: List[signal.Signals] = []
+        while True:
+            info = signal.sigtimedwait(set(self.sigs), self.poll_s)
+            if info is not None:
+                sig = signal.Signals(info.si_signo)
+                if sig == signal.SIGINT and self.stop_seen:
+                    self.aborted = True
+                    kids = child_pids()
+                    os.write(2, f"[torchrun-node] second interrupt: killing workers {kids}\n".encode())
+                    for pid in kids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    pending.clear()
+                    continue
+                self.stop_seen = self.stop_seen or sig in STOP_SIGNALS
+                pending.append(sig)
+            if not pending:
+                continue
+            kids = child_pids()
+            if not kids:
+                continue
+            os.write(2, f"[torchrun-node] forwarding {[s.name for s in pending]} to workers {kids}\n".encode())
+            for sig in pending:
+                for pid in kids:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            pending.clear()
 
 
 def exit_code_for(failures: dict) -> int:
@@ -218,8 +260,13 @@ def exit_code_for(failures: dict) -> int:
 
 def torchrun_main(argv: Optional[Sequence[str]] = None) -> int:
     """Run torchrun (same arguments) for this node; see the module docstring."""
+    from .launch import PARENT_PID_ENV, die_with_parent
+
+    die_with_parent()  # the megatron-sl launcher, or srun's step daemon
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # the workers die with this agent
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
-    threading.Thread(target=_forward_loop, args=(FORWARDED_SIGNALS,), name="signal-forwarder", daemon=True).start()
+    forwarder = _Forwarder(FORWARDED_SIGNALS)
+    threading.Thread(target=forwarder.run, name="signal-forwarder", daemon=True).start()
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -229,11 +276,15 @@ def torchrun_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        code = exit_code_for(e.failures)
+        code = EXIT_ABORTED if forwarder.aborted else exit_code_for(e.failures)
         if code == EXIT_PREEMPTED:
             kind = "preempted"
             print(f"[torchrun-node] workers {sorted(e.failures)} exited with {EXIT_PREEMPTED} (checkpointed after a "
                   f"preemption signal); exiting with {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+        elif code in EXPLAINED_EXIT_CODES:  # the rank printed the reason in one line
+            kind = "worker-failed"
+            print(f"[torchrun-node] workers exited with {code} ({EXPLAINED_EXIT_CODES[code]})", file=sys.stderr,
+                  flush=True)
         else:
             kind = "worker-failed"
             print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)

@@ -18,6 +18,11 @@ stop after the current step, save, and ``train`` reports ``preempted`` (the CLI 
 position of a run is just ``step`` (samples are a function of it, see ``batches``); with the
 engine's model/optimizer/scheduler state and every rank's RNG states, resume is exact.
 It can be called several times in one process (tests): parallel_state is re-initialised per call.
+
+Guards (``training.guards``, ``guard.*``): the run directory is locked first (``training.runlock``;
+by rank 0 unless the launching ``megatron-sl train`` holds it), so nothing is written into a
+directory another run uses; a bad step (NaN/inf or spiking loss) is skipped without touching the
+optimizer, too many in a row raise ``Diverged``; a watchdog ends a hung step.
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ from .batches import collate, eval_sample_start, masked_mean, per_token_loss, tr
 from .checkpoint import CheckpointManager
 from .checks import assert_identical_across_dp, count_params, replicated_mismatches
 from .config import TrainConfig, dump_config
+from .guards import Diverged, StepGuard, Watchdog
 from .preemption import PreemptionHandler
 from .distributed import init_distributed, resolve_device
 from .metrics import MetricsLog, Progress
 from .monitoring import MetricsRegistry
+from .resume_check import run_config_record
+from .runlock import RunLock, RunLockError, held_by_launcher
 from .schedule import WarmupCosine
 from .validate import Plan
 
@@ -108,8 +116,11 @@ class Trainer:
 
             ds_config = render_ds_config(cfg, plan)
         self.run_dir = Path(cfg.run.output_dir)
+        self.lock = self._lock_run_dir()
         if self.rank0:
             _prepare_run_dir(cfg, ds_config)
+            for change in plan.config_changes:
+                print(f"[resume] config change accepted: {change}", flush=True)
         dist.barrier()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl" if self.rank0 and cfg.metrics.jsonl else None)
         self.train_ds, self.valid_ds = _datasets(cfg, plan)
@@ -133,6 +144,11 @@ class Trainer:
         self.monitor = MetricsRegistry(cfg, plan, run_dir=self.run_dir, device=self.device, tdev=self.tdev,
                                        metrics_log=self.metrics, state_bytes=self.engine.state_bytes,
                                        num_params=self.num_params)
+        self.guard = StepGuard.from_config(cfg.guard)
+        self.guard.guard_optimizer(self.engine.optimizers.values() if cfg.optim.per_layer
+                                   else [self.engine.client_optimizer])
+        self.watchdog = Watchdog(cfg.guard.step_timeout_s)
+        self.bad_reason: Optional[str] = None
         self.step = 0
         self.last_saved_step = None
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
@@ -145,6 +161,21 @@ class Trainer:
                 self.log(f"[ckpt] resumed from {self.ckpt.root / ('step_%08d' % self.step)} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------
+    def _lock_run_dir(self) -> Optional[RunLock]:
+        """Rank 0 locks the run directory unless the launching process holds the lock; every rank
+        raises ``RunLockError`` if it is taken."""
+        lock, error = None, None
+        if self.rank0 and not held_by_launcher(self.run_dir):
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except RunLockError as e:
+                error = str(e)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise RunLockError(box[0])
+        return lock
+
     def log(self, msg: str) -> None:
         if self.rank0:
             print(msg, flush=True)
@@ -161,8 +192,9 @@ class Trainer:
         self.engine.eval()
         acc = torch.zeros(2, dtype=torch.float64, device=self.tdev)
         for i in range(self.cfg.eval.iters):
+            self.watchdog.beat(f"validating (batch {i}) after step {self.step}")
             batch = collate(self.valid_ds, eval_sample_start(i, p.micro_batch_size, p.dp, self.dp_rank),
-                            p.micro_batch_size, self.tdev)
+                            p.micro_batch_size, self.tdev, p.tokenizer_vocab_size)
             loss = per_token_loss(self.engine, batch)
             mask = batch["loss_mask"].to(torch.float64)
             acc[0] += (loss.double() * mask).sum()
@@ -188,17 +220,30 @@ class Trainer:
         self.monitor.step_begin()
         for m in range(p.grad_accum):
             start = train_sample_start(self.step, m, p.global_batch_size, p.micro_batch_size, p.dp, self.dp_rank)
-            batch = collate(self.train_ds, start, p.micro_batch_size, self.tdev)
+            batch = collate(self.train_ds, start, p.micro_batch_size, self.tdev, p.tokenizer_vocab_size)
             self.monitor.lap("data")
             loss = masked_mean(per_token_loss(self.engine, batch), batch["loss_mask"])
+            losses += loss.detach().double()
+            if m == p.grad_accum - 1:  # judged before the last backward: per-layer engines update inside it
+                mean = float(self._dp_mean(losses / p.grad_accum))
+                self.bad_reason = self._judge(mean)
             self.engine.backward(loss)
             self.monitor.lap("forward_backward")
             updated = self.engine.step()
             self.monitor.lap("optimizer")
-            losses += loss.detach().double()
             assert updated == (m == p.grad_accum - 1), "engine and trainer disagree on the accumulation boundary"
         self.step += 1
-        return float(self._dp_mean(losses / p.grad_accum))
+        return mean
+
+    def _judge(self, mean: float) -> Optional[str]:
+        """The guard's verdict on this step's global loss, agreed by every rank (MAX of the flags)."""
+        reason = self.guard.judge(mean)
+        flag = torch.tensor([int(reason is not None)], dtype=torch.int32, device=self.tdev)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and reason is None:  # another rank saw it differently: skip everywhere
+            self.guard.skip_update = True
+            reason = "bad step on another rank"
+        return reason
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, handler: Optional[PreemptionHandler] = None) -> dict:
@@ -216,19 +261,30 @@ class Trainer:
         preempted, ckpt = False, None
         own_handler = handler is None
         handler = PreemptionHandler().install() if own_handler else handler
+        self.watchdog.start()
         try:
             while self.step < cfg.train.train_iters:
+                self.watchdog.beat(f"training step {self.step + 1}")
                 dt, loss = self._timed_step(progress)
                 t_train += dt
                 first_step_s = dt if first_step_s is None else first_step_s
                 losses.append(loss)
+                if self.guard.diverged:
+                    self._stop_diverged()
                 decision = handler.poll()  # collective: every rank stops/saves at the same step
                 periodic = cfg.run.save_interval and self.step % cfg.run.save_interval == 0
                 if decision.stop or decision.save or periodic:
+                    self.watchdog.beat(f"saving the checkpoint of step {self.step}")
                     ckpt = self.save_checkpoint()
                 if decision.stop:
                     preempted = True
                     break
+            self.watchdog.beat("validating and saving at the end")
+        except BaseException:
+            self.watchdog.stop()
+            if self.lock is not None:
+                self.lock.release()
+            raise
         finally:
             if own_handler:
                 handler.uninstall()
@@ -241,6 +297,18 @@ class Trainer:
         ckpt = self.save_checkpoint() if cfg.run.save_at_end else None
         return self._summary(initial, final, losses, t_train, first_step_s, ckpt)
 
+    def _stop_diverged(self) -> None:
+        g = self.guard
+        good = self.ckpt.last_good() or (self.ckpt.read_latest() if self.last_saved_step is not None else None)
+        where = (f"the last good checkpoint is {self.ckpt.root / good} (kept outside run.keep_last)" if good
+                 else "no checkpoint was saved before them")
+        msg = (f"training diverged: {g.consecutive} consecutive bad steps up to step {self.step} (losses "
+               f"{', '.join(f'{x:.4g}' for x in g.bad_losses)}; guard.max_bad_steps={g.max_bad_steps}); the updates "
+               f"were skipped; {where}. Lower optim.lr or raise guard.* and resume from it")
+        self.metrics.write("diverged", step=self.step, consecutive_bad_steps=g.consecutive,
+                           skipped_steps=g.skipped_total, last_good_checkpoint=good)
+        raise Diverged(msg)
+
     def _timed_step(self, progress):
         """One training step with its metrics, progress and periodic validation; (seconds, loss)."""
         cfg, p = self.cfg, self.plan
@@ -248,8 +316,15 @@ class Trainer:
         loss = self.train_step()
         dt = time.perf_counter() - t0
         tok_s = p.tokens_per_step / dt
+        bad = self.bad_reason
+        if bad is not None:
+            self.log(f"[guard] step {self.step} skipped ({bad}); {self.guard.consecutive} bad in a row, "
+                     f"{self.guard.skipped_total} skipped in all")
+            self.monitor.step_skipped(_skip_label(bad))
         self.monitor.step(self.step, loss, self.engine.lr, self.engine.grad_norm, dt,
-                          write_record=self.step % cfg.run.log_interval == 0 or self.step == cfg.train.train_iters)
+                          write_record=(bad is not None or self.step % cfg.run.log_interval == 0
+                                        or self.step == cfg.train.train_iters),
+                          extra={"skipped": bad is not None})
         progress.update(loss, self.engine.lr, tok_s)
         if (cfg.eval.interval and cfg.eval.iters and self.step % cfg.eval.interval == 0
                 and self.step < cfg.train.train_iters):
@@ -264,10 +339,20 @@ class Trainer:
         client_state = {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
                         "config": self.cfg.to_dict(), "format": "megatron-sl/2"}
         with self.monitor.checkpointing(self.step) as record:
-            path = record.path = self.ckpt.save(self.step, self.engine, client_state, model=self.engine.module)
+            path = record.path = self.ckpt.save(
+                self.step, self.engine, client_state, model=self.engine.module,
+                run_config=run_config_record(self.cfg, self.plan.world_size),
+                good=self.guard.consecutive == 0, expected_bytes=self._expected_checkpoint_bytes())
         self.last_saved_step = self.step
         self.log(f"[ckpt] saved {path}")
         return str(path)
+
+    def _expected_checkpoint_bytes(self) -> int:
+        """Rough size of a checkpoint (all ranks: fp32 parameters twice, optimizer state), for the free-space
+        check of a first save."""
+        sb = torch.tensor([float(self.engine.state_bytes()[0])], dtype=torch.float64, device=self.tdev)
+        dist.all_reduce(sb)
+        return int(sb.item() + 8 * self.num_params)
 
     def _summary(self, initial, final, losses, t_train, first_step_s, ckpt, preempted: bool = False) -> dict:
         cfg, p = self.cfg, self.plan
@@ -295,6 +380,7 @@ class Trainer:
             "replicated_params_identical": not drift, "replicated_mismatches": drift,
             "peak_rss_mb_rank0": _peak_rss_mb(), "checkpoint": ckpt,
             "resumed_from_step": self.resumed_from, "preempted": preempted,
+            "skipped_steps": self.guard.skipped_total,
         }
         if self.device == "cuda":
             summary["peak_cuda_mem_mb_rank0"] = torch.cuda.max_memory_allocated() / 2**20
@@ -308,7 +394,19 @@ class Trainer:
                 self.log(f"[warn] TP-replicated parameters differ across TP ranks: {drift}")
         self.monitor.close()
         self.metrics.close()
+        self.watchdog.stop()
+        if self.lock is not None:
+            self.lock.release()
         return summary
+
+
+def _skip_label(reason: str) -> str:
+    """The metrics label of a guard verdict ("non-finite loss nan" -> "nonfinite_loss")."""
+    if reason.startswith("non-finite"):
+        return "nonfinite_loss"
+    if reason.startswith("loss spike"):
+        return "loss_spike"
+    return "other_rank"
 
 
 def train(cfg: TrainConfig, plan: Plan, handler: Optional[PreemptionHandler] = None) -> dict:

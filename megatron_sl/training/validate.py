@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,6 +43,7 @@ class Plan:
     sl_config: Optional[SLConfig]
     warmup_iters: int
     ds_template: Optional[Path]
+    config_changes: tuple = ()  # allowed changes against the resumed checkpoint's config (logged)
 
     @property
     def tokens_per_step(self) -> int:
@@ -78,9 +79,13 @@ def check_readable(path: str, what: str, key: str) -> Path:
     return p
 
 
-def check_data(cfg: TrainConfig) -> int:
-    """The indexed dataset (header, sizes) and tokenizer are readable; returns the tokenizer vocab size."""
-    from .data.datasets import resolve_data_prefix
+def check_data(cfg: TrainConfig, seq_length: Optional[int] = None, train_samples: Optional[int] = None,
+               valid_samples: Optional[int] = None) -> int:
+    """The indexed dataset (header, sizes) and tokenizer are readable; with ``seq_length``, also every
+    check of the dataset build (``data.datasets.plan_datasets``: tokenizer fingerprint against the
+    data's meta file, token-id range, documents long enough for the split). Returns the tokenizer
+    vocab size."""
+    from .data.datasets import plan_datasets, resolve_data_prefix
     from .data.errors import DataError
     from .data.indexed_format import inspect_indexed_dataset
     from .data.tokenizer import load_tokenizer
@@ -111,6 +116,12 @@ def check_data(cfg: TrainConfig) -> int:
     weights += [0.0] * (3 - len(weights))
     if cfg.eval.iters > 0 and weights[1] <= 0:
         _fail(f"config key data.split={cfg.data.split!r} has no validation share but eval.iters={cfg.eval.iters}")
+    if seq_length is not None:
+        try:
+            plan_datasets(prefix, cfg.data.tokenizer, seq_length, cfg.train.seed, cfg.data.split, train_samples,
+                          valid_samples, cfg.data.cache_dir)
+        except DataError as e:
+            _fail(f"config keys data.prefix/data.tokenizer/model.seq_length: {e}")
     return vocab
 
 
@@ -200,6 +211,8 @@ def check_ds_dict(d: dict, where: str, cfg: TrainConfig) -> None:
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
+    from .runlock import LOCK_NAME
+
     out = Path(cfg.run.output_dir)
     if not cfg.run.output_dir:
         _fail("config key run.output_dir is empty")
@@ -210,14 +223,44 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if cfg.run.keep_last < 1:
         _fail(f"config key run.keep_last={cfg.run.keep_last!r} must be >= 1")
     resumable = cfg.run.resume and not cfg.run.overwrite and (out / "checkpoints").is_dir()
-    if out.is_dir() and any(out.iterdir()) and not cfg.run.overwrite and not resumable:
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not cfg.run.overwrite and not resumable:
         _fail(f"config key run.output_dir={cfg.run.output_dir!r} exists and is not empty (and holds no checkpoints "
               "to resume); choose a new directory or set run.overwrite=true")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(parent)!r} is not writable")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(existing)!r} is a regular file, not a directory")
+    try:  # a real probe: access(2) does not see every reason a write fails (root, ACLs, quotas)
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(existing)!r} is not writable ({e.strerror})")
+    if out.is_dir() and (out / "checkpoints").is_dir():
+        probe = out / "checkpoints"
+        try:
+            with tempfile.TemporaryFile(dir=probe, prefix=".write-probe-"):
+                pass
+        except OSError as e:
+            _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(probe)!r} is not writable ({e.strerror})")
+
+
+def check_guard(cfg: TrainConfig) -> None:
+    g = cfg.guard
+    if g.spike_factor != 0 and not g.spike_factor > 1:
+        _fail(f"config key guard.spike_factor={g.spike_factor!r} must be 0 (off) or > 1")
+    _positive("guard.spike_window", g.spike_window)
+    _positive("guard.max_bad_steps", g.max_bad_steps)
+    _positive("guard.step_timeout_s", g.step_timeout_s, allow_zero=True)
+
+
+def check_device(cfg: TrainConfig) -> None:
+    if cfg.launch.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("config key launch.device='cuda' but no CUDA device is available here (use launch.device=cpu "
+                  "or auto)")
 
 
 def check_metrics(cfg: TrainConfig) -> None:
@@ -308,7 +351,12 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
     # model
     preset = resolve_preset(cfg)
     sl_config = check_model(cfg, preset, tp)
-    tok_vocab = check_data(cfg) if check_inputs else (cfg.model.vocab_size or preset.vocab_size)
+    check_guard(cfg)
+    check_device(cfg)
+    train_samples = t.train_iters * t.global_batch_size
+    valid_samples = max(1, cfg.eval.iters) * t.micro_batch_size * dp
+    tok_vocab = (check_data(cfg, preset.seq_length, train_samples, valid_samples) if check_inputs
+                 else (cfg.model.vocab_size or preset.vocab_size))
     if cfg.model.vocab_size is not None:
         if cfg.model.vocab_size < tok_vocab:
             _fail(f"config key model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -319,9 +367,13 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
     multiple = cfg.model.make_vocab_size_divisible_by * tp
     vocab = -(-base_vocab // multiple) * multiple
     check_metrics(cfg)
+    changes: tuple = ()
     if check_outputs:
+        from .resume_check import check_resume
+
         check_output_dir(cfg)
+        changes = tuple(check_resume(cfg, world_size))
     return Plan(world_size=world_size, tp=tp, dp=dp, grad_accum=ga, micro_batch_size=t.micro_batch_size,
                 global_batch_size=t.global_batch_size, seq_length=preset.seq_length, vocab_size=vocab,
                 tokenizer_vocab_size=tok_vocab, preset=preset, sl_config=sl_config, warmup_iters=warmup,
-                ds_template=ds_template)
+                ds_template=ds_template, config_changes=changes)

@@ -148,8 +148,14 @@ msl_run() {
     MSL_GOT_TERM=1 MSL_SIGNALLED=1
     msl_log "received TERM (cancel / time limit): Slurm signals the ranks directly; no requeue"
   }
+  msl_on_int() {  # e.g. scancel --signal=INT --batch: stop with a checkpoint like TERM, no requeue
+    MSL_GOT_TERM=1 MSL_SIGNALLED=1
+    msl_log "received INT: asking the ranks to checkpoint and exit; no requeue"
+    [ -n "$SRUN_PID" ] && kill -TERM "$SRUN_PID" 2>/dev/null
+  }
   trap msl_on_usr1 USR1
   trap msl_on_term TERM
+  trap msl_on_int INT
 
   srun --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" --wait="${MSL_SRUN_WAIT:-120}" \
     --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
@@ -167,7 +173,7 @@ msl_run() {
     [ "$MSL_SIGNALLED" = 1 ] && continue  # wait was interrupted by a trapped signal: srun still runs
     break
   done
-  trap - USR1 TERM
+  trap - USR1 TERM INT
 
   # per-node results "<code> <kind>" written by megatron_sl.training.preemption (srun keeps only the max)
   local results=() f code kind preempted=0 crashed=0

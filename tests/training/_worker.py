@@ -11,6 +11,9 @@ SPEC is a list of cases ``{"name", "overrides": [...], "compare_with": optional 
 * ``param_max_abs_diff`` / ``param_max_rel_diff`` vs ``compare_with`` (final parameters, every rank);
 * ``error``: the traceback if the case raised.
 
+``resume_from: [case, step]`` first copies that case's committed checkpoint ``step_<step>`` into
+this case's run directory (rank 0), so the case resumes from it exactly as a relaunch would.
+
 ``single_param_group`` is a negative control: it puts all parameters but the TP-partial ones (whose
 gradients the engine sums over TP in their own group) in ONE optimizer group (the configuration that
 lets bitsandbytes 8-bit states drift across TP ranks). ``count_tp_allreduce`` counts, during the run,
@@ -94,6 +97,17 @@ def main(spec_path: str, out_dir: str) -> int:
             overrides = list(case["overrides"]) + [f"run.output_dir={out / name}", "run.progress_bar=false"]
             cfg = load_config(REPO / "configs" / "tiny_sl.yaml", overrides)
             plan = make_plan(cfg, rank_env().world_size, check_outputs=False)
+            if case.get("resume_from"):
+                src_case, src_step = case["resume_from"]
+                if rank_env().rank == 0:
+                    import shutil
+
+                    name_ = f"step_{int(src_step):08d}"
+                    dst = out / name / "checkpoints"
+                    dst.mkdir(parents=True, exist_ok=True)
+                    shutil.copytree(out / src_case / "checkpoints" / name_, dst / name_)
+                    (dst / "latest").write_text(name_ + "\n")
+                dist.barrier()
             if case.get("single_param_group"):
                 def one_group(model, wd):
                     partial = [p for p in model.parameters() if optim_mod.tp_kind(p) == optim_mod.PARTIAL_GROUP]

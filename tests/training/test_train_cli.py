@@ -39,8 +39,8 @@ def test_train_cli_launches_torchrun_and_writes_the_run_dir(tiny_data, tmp_path)
     assert "[eval] after training step 8" in proc.stdout and "[ckpt] saved" in proc.stdout
     assert "tok/s" in proc.stderr and "lr=" in proc.stderr  # the progress bar (rank 0 only)
     assert proc.stdout.count("[eval] before training") == 1  # only rank 0 reports
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "ds_config.json",
-                                                      "metrics.jsonl", "summary.json", "tensorboard"]
+    assert sorted(p.name for p in out.iterdir()) == [".megatron-sl.lock", "checkpoints", "config.yaml",
+                                                      "ds_config.json", "metrics.jsonl", "summary.json", "tensorboard"]
     resolved = load_config(out / "config.yaml")
     assert resolved.train.train_iters == 8 and resolved.model.hidden_size == 64
     ds = json.loads((out / "ds_config.json").read_text())

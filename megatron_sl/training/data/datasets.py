@@ -75,20 +75,35 @@ def _split_shares(split: str) -> list[float]:
 
 
 def _check_tokenizer_matches(prefix: Path, info: IndexedInfo, tokenizer: Any) -> None:
+    """The data's meta file names the tokenizer it was made with (sha256): it must be this one; and
+    every token id must be below the vocabulary size (a scan of the ``.bin`` up to
+    ``MAX_TOKENS_TO_SCAN`` tokens, so corrupt bytes are caught before training, not as an
+    IndexError in the embedding; larger data relies on the meta file and ``check_token_range``)."""
     meta_path = Path(f"{prefix}.meta.json")
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        sha = getattr(tokenizer, "sha256", None)
+    sha = getattr(tokenizer, "sha256", None)
+    if not meta_path.is_file():
+        if sha is not None:  # without a fingerprint a same-size tokenizer would train on garbage
+            raise DataError(f"{prefix} has no meta file {meta_path.name!r} recording its tokenizer; run "
+                            f"`megatron-sl prepare-data --fingerprint {prefix} --tokenizer-model "
+                            f"{getattr(tokenizer, 'path', 'TOKENIZER.model')}` once to record the tokenizer it "
+                            "was made with (or prepare the data again)")
+        top = max_token_id(info) if info.tokens <= MAX_TOKENS_TO_SCAN else -1
+    else:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"meta file {str(meta_path)!r} is unreadable: {err}") from None
         if sha is not None and meta.get("tokenizer_sha256") not in (None, sha):
             raise DataError(f"{prefix} was tokenized with {meta.get('tokenizer_model')!r} "
                             f"(sha256 {meta['tokenizer_sha256'][:12]}...) but the tokenizer given is "
                             f"{str(getattr(tokenizer, 'path', tokenizer))!r} (sha256 {sha[:12]}...)")
         top = meta.get("max_token_id", -1)
-    elif info.tokens <= MAX_TOKENS_TO_SCAN:
-        top = max_token_id(info)
-    else:
-        logger.info("%s has no meta file and %d tokens: token-id range not checked", prefix, info.tokens)
-        return
+        if info.tokens <= MAX_TOKENS_TO_SCAN:
+            scanned = max_token_id(info)
+            if scanned > top >= 0 or scanned >= tokenizer.vocab_size:
+                raise DataError(f"{info.bin_path} is corrupt: it holds token id {scanned} but {meta_path.name} "
+                                f"records {top} as the largest and the tokenizer has {tokenizer.vocab_size} pieces "
+                                "(prepare the data again)")
     if top >= tokenizer.vocab_size:
         raise DataError(f"{prefix} holds token id {top} but the tokenizer has only {tokenizer.vocab_size} pieces")
 

@@ -277,3 +277,29 @@ def prepared_to_dict(prepared: PreparedData) -> dict:
     out.update(prefix=str(prepared.prefix), tokenizer_model=str(prepared.tokenizer_model),
                bytes_per_token=prepared.bytes_per_token, tokens_per_s=prepared.tokens_per_s)
     return out
+
+
+def fingerprint_existing(data_prefix: str | Path, tokenizer_model: str | Path) -> Path:
+    """Write the meta file of indexed data prepared elsewhere (without one): the tokenizer's path and
+    sha256, its vocabulary and the data's counts and largest token id (a full scan of the ``.bin``,
+    which must be below the vocabulary). Training then checks the tokenizer against it. Returns the
+    meta path; refuses to overwrite an existing meta file."""
+    from megatron_sl.training.data.datasets import resolve_data_prefix
+
+    prefix = resolve_data_prefix(data_prefix)
+    meta_path = Path(f"{prefix}.meta.json")
+    if meta_path.exists():
+        raise DataError(f"{str(meta_path)!r} already exists; it records the tokenizer the data was made with")
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    info = inspect_indexed_dataset(prefix)
+    top = max_token_id(info)
+    if top >= tokenizer.vocab_size:
+        raise DataError(f"{info.bin_path} holds token id {top} but tokenizer {str(tokenizer_model)!r} has only "
+                        f"{tokenizer.vocab_size} pieces: it is not the tokenizer of this data (or the data is corrupt)")
+    meta = {"format": META_FORMAT, "documents": info.documents, "tokens": info.tokens, "text_bytes": None,
+            "dtype": np.dtype(info.dtype).name, "vocab_size": tokenizer.vocab_size, "eod": tokenizer.eod,
+            "max_token_id": top, "tokenizer_model": str(Path(tokenizer_model).resolve()),
+            "tokenizer_sha256": tokenizer.sha256, "tokenizer_trained": False, "fingerprinted": True}
+    with atomic_write(meta_path, "w") as handle:
+        json.dump(meta, handle, indent=1)
+    return meta_path

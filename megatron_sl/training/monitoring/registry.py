@@ -176,8 +176,9 @@ class MetricsRegistry:
             self.prom.inc("msl_skipped_steps", reason=reason)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: Optional[float], step_time_s: float,
-             write_record: bool = True) -> dict:
-        """Record optimizer step ``step`` (collective: every rank calls it once per step)."""
+             write_record: bool = True, extra: Optional[dict] = None) -> dict:
+        """Record optimizer step ``step`` (collective: every rank calls it once per step); ``extra``
+        fields go into its JSONL record."""
         phases = self.timer.take()
         phases["checkpoint"], self._ckpt_pending_s = self._ckpt_pending_s, 0.0
         mem, _ = rank_memory(self.device)
@@ -204,7 +205,7 @@ class MetricsRegistry:
                "rank_tokens_per_s": rank_tok, "rank_step_time_s": rank_dt, "rank_memory_bytes": rank_mem,
                "memory_kind": self.memory_kind, "opt_state_bytes": opt_bytes,
                "nonfinite_loss_steps": self.nonfinite_steps, "skipped_steps": sum(self.skipped.values()),
-               "time": now}
+               "time": now, **(extra or {})}
         if write_record:
             self.log.write("train", **rec)
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
