@@ -233,6 +233,9 @@ class MetricsSection:
     run_name: Optional[str] = None
     job_id: Optional[str] = None
     peak_tflops: Optional[float] = None
+
+
+@dataclasses.dataclass
 class GuardSection:
     """Run-time guards (``training.guards``).
 
