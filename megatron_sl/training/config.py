@@ -45,6 +45,7 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 SL_PATHS = ("auto", "dense", "factored")
 SL_SLOTS = ("qkv", "proj", "fc1", "fc2")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclasses.dataclass
@@ -54,6 +55,10 @@ class ModelSection:
     ``variant``: "sl" (W = s·BA + S), "lowrank" (W = s·BA, the δ=0 baseline) or "dense" (full rank).
     A ``None`` shape field keeps the preset's value. ``vocab_size`` ``None`` = the tokenizer's
     vocabulary, padded up to a multiple of ``make_vocab_size_divisible_by`` × TP (as megatron does).
+    ``recompute``: activation recompute through megatron-core's own mechanism: "none" (keep every
+    activation for backward), "selective" (core attention is recomputed, so its b·heads·s² softmax
+    probabilities are not kept) or "full" (each transformer layer keeps only its input and runs
+    again in backward).
     """
 
     preset: str = "tiny"
@@ -66,6 +71,7 @@ class ModelSection:
     seq_length: Optional[int] = None
     vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
+    recompute: str = "none"
 
 
 @dataclasses.dataclass
@@ -215,6 +221,7 @@ class TrainConfig:
 # Allowed-value sets per key (checked at load; everything else about values is in ``validate``).
 CHOICES = {
     "model.variant": VARIANTS,
+    "model.recompute": RECOMPUTE,
     "sl.path": SL_PATHS,
     "train.precision": PRECISIONS,
     "optim.name": OPTIMIZERS,

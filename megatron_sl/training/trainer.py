@@ -68,7 +68,7 @@ def _build_model(cfg: TrainConfig, plan: Plan):
     return build_model(plan.preset, variant=cfg.model.variant, sl_config=plan.sl_config,
                        vocab_size=plan.vocab_size, seq_length=plan.seq_length,
                        sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=torch.float32,
-                       seed=cfg.train.seed)
+                       seed=cfg.train.seed, recompute=cfg.model.recompute)
 
 
 def _datasets(cfg: TrainConfig, plan: Plan):
