@@ -56,6 +56,9 @@ CASES = {
     "130m-dense-perlayer-adamw8bit": ["model.preset=130m", PAPER_VOCAB, "model.variant=dense", "optim.per_layer=true",
                                       "deepspeed.zero_stage=0", "optim.name=adamw8bit", "optim.clip_grad=0",
                                       "model.seq_length=64", "train.micro_batch_size=1", "train.global_batch_size=2"],
+    "tiny-sl-perlayer-bf16-adamw8bit": ["optim.per_layer=true", "deepspeed.zero_stage=0", "optim.name=adamw8bit",
+                                        "train.precision=bf16", "optim.clip_grad=0", "model.seq_length=128",
+                                        "train.micro_batch_size=2"],
     "tiny-sl-z0-full-recompute": ["deepspeed.zero_stage=0", "model.seq_length=128", "train.micro_batch_size=2",
                                   "model.recompute=full"],
 }
@@ -99,6 +102,7 @@ def measure_case(overrides: list) -> dict:
         trainer = Trainer(cfg, plan)
         tracker.mark("setup")
         p = plan
+        losses = []
         for step in range(cfg.train.train_iters):
             for m in range(p.grad_accum):
                 start = train_sample_start(step, m, p.global_batch_size, p.micro_batch_size, p.dp, trainer.dp_rank)
@@ -109,11 +113,12 @@ def measure_case(overrides: list) -> dict:
                 tracker.mark("backward")
                 trainer.engine.step()
                 tracker.mark("step")
+                losses.append(float(loss))
                 del loss, batch
         phases = {}
         for label, _, peak in tracker.phases:
             phases[label] = max(phases.get(label, 0), peak)
-        result = {"rank": dist.get_rank(), "peak": tracker.peak, "phases": phases,
+        result = {"rank": dist.get_rank(), "peak": tracker.peak, "phases": phases, "losses": losses,
                   "peak_phase": max(phases, key=phases.get)}
         del trainer
     gc.collect()
@@ -170,7 +175,8 @@ def run_cases(names, data, steps: int = 2, workdir=None, timeout: int = 3000) ->
             rows.append({"rank": r, "predicted": pr["peak"], "measured": meas["peak"],
                          "error": (pr["peak"] - meas["peak"]) / meas["peak"], "predicted_phase": pr["phase"],
                          "measured_phase": meas["peak_phase"], "predicted_phases": pr["phases"],
-                         "measured_phases": meas["phases"], "components": pr["components"]})
+                         "measured_phases": meas["phases"], "components": pr["components"],
+                         "losses": meas["losses"]})
         table[name] = rows
     return table
 

@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "train": ("megatron_sl.cli.train", "train from a YAML config with key=value overrides"),
     "prepare-data": ("megatron_sl.cli.prepare_data", "JSONL -> sentencepiece -> megatron indexed .bin/.idx"),
     "presets": ("megatron_sl.cli.presets", "print each LLaMA preset's parameter counts"),
+    "plan": ("megatron_sl.cli.plan", "per-rank memory of a config, from the config alone (no ranks, no data)"),
 }
 
 

@@ -4,9 +4,10 @@ Outside a launcher: validate the config for ``launch.nproc_per_node`` ranks (exi
 message naming the bad key/value, nothing written, no rank started), then start the ranks with
 torchrun. Inside a launcher (torchrun, ``deepspeed``, srun, mpirun): validate again for the
 launcher's world size, then train this rank. ``--check`` validates and prints the plan only;
-``--dry-run`` builds the sharded model on every rank and prints per-rank parameter and memory
-figures without training. Exit codes: 0 done, 2 bad config, 75 (EX_TEMPFAIL) stopped by
-SIGUSR1/SIGTERM after committing a checkpoint (rerun the same command to resume).
+``--dry-run`` prints per-rank parameter and memory figures from the memory planner without
+starting ranks or reading data (under a launcher rank 0 prints and every rank exits 0).
+Exit codes: 0 done, 2 bad config, 75 (EX_TEMPFAIL) stopped by SIGUSR1/SIGTERM after committing a
+checkpoint (rerun the same command to resume).
 The ``deepspeed`` launcher's ``--local_rank=N`` argument is accepted and ignored (LOCAL_RANK is in
 the environment).
 
@@ -34,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, values parsed as YAML")
     p.add_argument("--check", action="store_true", help="validate the config and print the plan; do not train")
     p.add_argument("--dry-run", action="store_true",
-                   help="build the sharded model on every rank, print per-rank parameter/memory figures; no training")
+                   help="print per-rank parameter/memory figures from the memory planner; no ranks, no data")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     launched = in_launcher()
     rank = rank_env().rank if launched else 0
+    if args.dry_run:
+        return dry_run_main(args, launched, rank)
     try:
         cfg = load_config(args.config, args.overrides)
         world = rank_env().world_size if launched else cfg.launch.nproc_per_node
@@ -67,24 +70,34 @@ def main(argv=None) -> int:
     if not launched:
         from megatron_sl.training.launch import run_local_ranks
 
-        extra = ["--dry-run"] if args.dry_run else []
-        return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *args.overrides],
-                               cfg.launch.master_port)
+        return run_local_ranks(cfg.launch.nproc_per_node, args.config, list(args.overrides), cfg.launch.master_port)
     from megatron_sl.training.preemption import PreemptionHandler
 
     handler = PreemptionHandler().install()  # before the slow imports: a stop signal during set-up is kept
     from megatron_sl.training.distributed import silence_known_warnings
 
     silence_known_warnings()
-    if args.dry_run:
-        from megatron_sl.training.dry_run import dry_run
-
-        dry_run(cfg, plan)
-        return 0
     from megatron_sl.training.preemption import EXIT_PREEMPTED
     from megatron_sl.training.trainer import train
 
     return EXIT_PREEMPTED if train(cfg, plan, handler).get("preempted") else 0
+
+
+def dry_run_main(args, launched: bool, rank: int) -> int:
+    """``--dry-run``: the planner's per-rank figures; data optional, no rank started, nothing written."""
+    from megatron_sl.training.dry_run import dry_run
+    from megatron_sl.training.memory_plan import resolve_plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = rank_env().world_size if launched else cfg.launch.nproc_per_node
+        plan, note = resolve_plan(cfg, world)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"megatron-sl train: error: {e}", file=sys.stderr)
+        return 2
+    dry_run(cfg, plan, rank=rank, note=note)
+    return 0
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ class OptimSection:
     ``None`` = 10 % of train_iters) and clipping (``clip_grad`` 0 = off).
 
     ``per_layer``: step each parameter's optimizer inside its post-accumulate-grad hook at the
-    gradient-accumulation boundary (no DeepSpeed; needs ``deepspeed.zero_stage=0``).
+    gradient-accumulation boundary (no DeepSpeed; needs ``deepspeed.zero_stage=0``). With
+    ``train.precision=bf16`` the parameters are pure bf16 (no fp32 master copy), the paper's setting.
     ``min_8bit_size``: bitsandbytes keeps fp32 state for tensors (under ZeRO: flat partitions)
     smaller than this.
     """

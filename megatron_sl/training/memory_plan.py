@@ -201,19 +201,21 @@ def activation_model(s: Setting) -> dict:
     T, b, seq, tp = s.seq * s.micro, s.micro, s.seq, s.tp
     ab = s.param_bytes  # activations are in the parameter dtype
     sp = tp if s.sequence_parallel else 1   # tokens per rank are T/sp where megatron shards the sequence
-    norm = (2 * T * h / sp) * ab + (T / sp) * 4        # input and normalised input, 1/rms
+    norm = (2 * T * h / sp) * 4 + (T / sp) * 4         # fp32 input and normalised input, 1/rms (any dtype)
     q = T * heads * hn / tp
     kv_expanded = 2 * T * heads * hn / tp
     probs = b * heads / tp * seq * seq
     attn_inputs = (T * h / sp) + (T * h / sp) + (T * heads * hn / tp)        # qkv in, fc1 in, proj in (elements)
     mlp = 4 * T * f / tp + T * f / tp                                           # SwiGLU + fc2 input
     rope = 4 * seq * hn * 4
-    full_layer = 2 * norm + (attn_inputs + q + kv_expanded + probs + mlp) * ab + rope
+    # softmax runs in fp32 and saves its fp32 output; a 16-bit model keeps the cast copy for the bmm too
+    probs_bytes = probs * (4 + (ab if ab != 4 else 0))
+    full_layer = 2 * norm + (attn_inputs + q + kv_expanded + mlp) * ab + probs_bytes + rope
     layer_input = T * h / sp * ab
     if s.recompute == "full":
         per_layer = layer_input
     elif s.recompute == "selective":  # core attention recomputed: keep its inputs q, k, v (unexpanded)
-        per_layer = full_layer - (q + kv_expanded + probs) * ab + (q + 2 * T * groups * hn / tp) * ab
+        per_layer = full_layer - (q + kv_expanded) * ab - probs_bytes + (q + 2 * T * groups * hn / tp) * ab
     else:
         per_layer = full_layer
     V = s.vocab // tp
@@ -419,3 +421,119 @@ def plan_ranks(cfg: TrainConfig, plan: Plan, device: Optional[str] = None) -> Li
             by_tp[tp_rank] = rank_plan(s, tp_rank)
         rows.append(dataclasses.replace(by_tp[tp_rank], rank=rank, tp_rank=tp_rank, dp_rank=dp_rank))
     return rows
+
+
+# ----------------------------------------------------------------------------- from a config, output
+
+def resolve_plan(cfg: TrainConfig, world_size: int):
+    """Validate ``cfg`` for ``world_size`` ranks without needing its data or run directory.
+
+    Returns (Plan, note): the tokenizer's vocabulary when the data files are readable, else
+    ``model.vocab_size`` or the preset's (note says so). Any other config error is raised."""
+    from .config import ConfigError
+    from .validate import make_plan
+
+    try:
+        return make_plan(cfg, world_size, check_outputs=False), None
+    except ConfigError as e:
+        plan = make_plan(cfg, world_size, check_outputs=False, check_inputs=False)  # raises non-data errors
+        src = "model.vocab_size" if cfg.model.vocab_size is not None else f"preset {plan.preset.name!r}"
+        return plan, f"data not read ({e}); vocabulary {plan.vocab_size} from {src}"
+
+
+def describe_setting(s: Setting, world: int) -> str:
+    engine = ("per-layer updates" + (" (clipping: all gradients at the boundary)" if s.clip_grad > 0 else "")
+              if s.per_layer else f"DeepSpeed ZeRO-{s.zero_stage}")
+    sl = ""
+    if s.sl_config is not None and s.variant != "dense":
+        sl = f", r={s.sl_config.rank} δ={0.0 if s.variant == 'lowrank' else s.sl_config.density}"
+    return (f"{s.variant} preset {s.preset.name!r}{sl}: world {world} = TP {s.tp} x DP {s.dp}"
+            f"{' + SP' if s.sequence_parallel else ''}; micro {s.micro} x seq {s.seq} (GA {s.grad_accum}); "
+            f"{s.precision}, {s.optimizer}, {engine}; recompute {s.recompute}; device {s.device}")
+
+
+def plan_summary(cfg: TrainConfig, plan: Plan, device: Optional[str] = None) -> dict:
+    """Everything ``megatron-sl plan --json`` prints."""
+    s = setting_from_config(cfg, plan, device)
+    rows = plan_ranks(cfg, plan, device)
+    return {"setting": describe_setting(s, plan.world_size), "world_size": plan.world_size, "tp": plan.tp,
+            "dp": plan.dp, "device": s.device, "vocab_size": plan.vocab_size,
+            "ranks": [{"rank": r.rank, "tp_rank": r.tp_rank, "dp_rank": r.dp_rank, "params": r.params,
+                       "low_rank": r.low_rank, "sparse": r.sparse, "dense": r.dense, "peak_bytes": r.peak,
+                       "peak_phase": r.peak_phase, "components_at_peak": r.components, "phases": r.phases,
+                       "model_state_bytes": r.model_state, "cpu_host_scratch_bytes": r.host_scratch}
+                      for r in rows]}
+
+
+def format_breakdown(rank: RankPlan, unit: float = GiB, unit_name: str = "GiB") -> List[str]:
+    lines = [f"rank {rank.rank} (tp {rank.tp_rank}, dp {rank.dp_rank}): peak {rank.peak / unit:.3f} {unit_name} "
+             f"in the {rank.peak_phase} phase"]
+    for k in COMPONENTS:
+        lines.append(f"  {k:<12} {rank.components[k] / unit:>10.3f} {unit_name}")
+    lines.append("  phases: " + ", ".join(f"{k} {v / unit:.3f}" for k, v in rank.phases.items()))
+    if rank.host_scratch:
+        lines.append(f"  + bitsandbytes CPU step scratch outside torch's allocator: {rank.host_scratch / unit:.3f} "
+                     f"{unit_name} (RSS only)")
+    return lines
+
+
+def format_rank_table(rows: List[RankPlan]) -> List[str]:
+    """One line per rank; the last column is the model-state GiB (parsed by the Slurm test)."""
+    out = [f"{'rank':>4} {'tp':>3} {'dp':>3} {'params':>14} {'low-rank':>14} {'sparse':>12} {'dense':>14} "
+           f"{'peak GiB':>9} {'model-state GiB':>16}"]
+    for r in rows:
+        out.append(f"{r.rank:>4} {r.tp_rank:>3} {r.dp_rank:>3} {r.params:>14,} {r.low_rank:>14,} {r.sparse:>12,} "
+                   f"{r.dense:>14,} {r.peak / GiB:>9.3f} {r.model_state / GiB:>16.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- paper Fig. 3
+
+PAPER_FIG3_GB = {"Adam (bf16)": 67.4, "8-bit Adam + per-layer": 29.4, "GaLore 8-bit + per-layer": 22.0,
+                 "SLTrain 8-bit + per-layer": 18.3}
+PAPER_SETTING = "single GPU, LLaMA 7B, bf16 weights (no fp32 master), seq 256, micro-batch {micro}"
+
+
+def paper_fig3(micro: int = 1, seq: int = 256) -> List[dict]:
+    """The 7B rows in the paper's Fig. 3 setting, our prediction beside the paper's bar (GB = 1e9 B).
+
+    Assumptions (the paper does not state them): micro-batch ``micro`` of ``seq`` tokens, no
+    activation recompute, CUDA (bitsandbytes' fused kernels), per-layer updates without clipping;
+    "Adam (bf16)" is pure-bf16 torch AdamW with all gradients held (as the research code trains)."""
+    from ..core.config import SLConfig
+    from ..model.presets import get_preset
+
+    p = get_preset("7b")
+    slc = SLConfig(rank=p.rank, density=p.density, alpha=p.alpha)
+    base = dict(preset=p, sl_config=slc, vocab=p.vocab_size, seq=seq, micro=micro, grad_accum=1, tp=1, dp=1,
+                sequence_parallel=False, recompute="none", precision="bf16", zero_stage=0, min_8bit_size=4096,
+                device="cuda")
+    cases = [("Adam (bf16)", dict(variant="dense", optimizer="adamw", per_layer=True, clip_grad=1.0)),
+             ("8-bit Adam + per-layer", dict(variant="dense", optimizer="adamw8bit", per_layer=True, clip_grad=0.0)),
+             ("GaLore 8-bit + per-layer", None),
+             ("SLTrain 8-bit + per-layer", dict(variant="sl", optimizer="adamw8bit", per_layer=True, clip_grad=0.0))]
+    out = []
+    for name, kw in cases:
+        row = {"method": name, "paper_GB": PAPER_FIG3_GB[name], "ours_GB": None, "components_GB": None}
+        if kw is not None:
+            r = rank_plan(Setting(**base, **kw), tp_rank=0)
+            row["ours_GB"] = r.peak / GB
+            row["components_GB"] = {k: v / GB for k, v in r.components.items()}
+            row["params"] = r.params
+        out.append(row)
+    return out
+
+
+def format_paper_fig3(rows: List[dict], micro: int) -> List[str]:
+    lines = [f"LLaMA 7B, paper Fig. 3 setting ({PAPER_SETTING.format(micro=micro)}; r=1024, δ=0.05; GB = 1e9 bytes)",
+             f"{'method':<28} {'paper GB':>9} {'ours GB':>9}   ours: params / grads / optimizer / index / activations "
+             f"/ buffers+temporaries"]
+    for r in rows:
+        if r["ours_GB"] is None:
+            lines.append(f"{r['method']:<28} {r['paper_GB']:>9.1f} {'-':>9}   not implemented here (paper's bar only)")
+            continue
+        c = r["components_GB"]
+        lines.append(f"{r['method']:<28} {r['paper_GB']:>9.1f} {r['ours_GB']:>9.1f}   {c['parameters']:.1f} / "
+                     f"{c['gradients']:.1f} / {c['optimizer']:.1f} / {c['index']:.2f} / {c['activations']:.1f} / "
+                     f"{c['buffers'] + c['temporaries']:.1f}")
+    return lines
