@@ -14,6 +14,7 @@ Modules (imported lazily by their users; this package imports nothing itself):
   ``metrics`` -- metrics JSONL and progress bar; ``trainer`` -- the run of one rank;
 * ``checkpoint`` -- atomic checkpoints, verified resume, keep-last-K; ``preemption`` -- stop/save
   signals agreed across ranks (exit 75) and the signal-forwarding torchrun wrapper;
-  ``dry_run`` -- per-rank parameter and memory figures without training;
+  ``memory_plan`` -- per-rank memory from the config alone (``megatron-sl plan``); ``dry_run`` --
+  the planner's per-rank figures for ``train --dry-run``;
 * ``data`` -- corpus, tokenizer, ``prepare-data`` and megatron GPTDatasets.
 """

@@ -40,7 +40,6 @@ Validated against measured peaks of real training runs on CPU by ``benchmarks/be
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Dict, List, Optional
 
 from ..core.cost_model import choose_path
@@ -143,7 +142,6 @@ class Setting:
     device: str
     reduce_bucket: int = 50_000_000
     allreduce_bucket: int = 500_000_000
-    master_weights: Optional[bool] = None   # None: DeepSpeed's rule; per-layer runs keep none
 
     @property
     def param_bytes(self) -> int:
@@ -160,7 +158,7 @@ def setting_from_config(cfg: TrainConfig, plan: Plan, device: Optional[str] = No
     return Setting(preset=plan.preset, variant=cfg.model.variant, sl_config=plan.sl_config, vocab=plan.vocab_size,
                    seq=plan.seq_length, micro=plan.micro_batch_size, grad_accum=plan.grad_accum, tp=plan.tp,
                    dp=plan.dp, sequence_parallel=cfg.parallel.sequence_parallel,
-                   recompute=getattr(cfg.model, "recompute", "none"), precision=cfg.train.precision,
+                   recompute=cfg.model.recompute, precision=cfg.train.precision,
                    optimizer=cfg.optim.name, zero_stage=0 if cfg.optim.per_layer else cfg.deepspeed.zero_stage,
                    per_layer=cfg.optim.per_layer, clip_grad=cfg.optim.clip_grad,
                    min_8bit_size=cfg.optim.min_8bit_size, device=dev,
@@ -221,11 +219,12 @@ def activation_model(s: Setting) -> dict:
     V = s.vocab // tp
     final = norm + (T * h / sp) * ab + T * V * 4 + T * 9 + T * 8     # final norm, output input, CE softmax, mask, target
     return {"per_layer": per_layer, "full_layer": full_layer, "final": final, "embedding": T * 8,
-            "score_buffer": probs * ab, "logits": T * V * ab, "tokens": T, "layer_input": layer_input}
+            "score_buffer": probs * ab, "logits": T * V * ab}
 
 
 def sl_backward_temporary(s: Setting, tensors: List[Tensor]) -> float:
-    """Largest transient of one SL/dense linear's backward on this rank (weight and weight gradient)."""
+    """Largest transient of one SL linear's backward on this rank: the dense path re-forms W and the
+    dense weight gradient (2·out·in), the factored path x·Aᵀ (T·r); the path as ``cost_model`` picks it."""
     T = s.seq * s.micro
     pb, worst = s.param_bytes, 0.0
     for t in tensors:
