@@ -45,6 +45,7 @@ from typing import Dict, List, Optional
 from ..core.cost_model import choose_path
 from ..core.support import nnz_for
 from .config import TrainConfig
+from .grads import NORM_CHUNK
 from .validate import Plan
 
 GiB = 2**30
@@ -251,6 +252,11 @@ def step_scratch(s: Setting, numel: int) -> float:
     return 2.0 * numel * (4 if not s.per_layer else s.param_bytes)
 
 
+def norm_scratch(numel: int) -> float:
+    """The global-norm computation's float64 copy and square of one chunk (``grads.squared_sum``)."""
+    return 16.0 * min(numel, NORM_CHUNK)
+
+
 def cpu_host_scratch(s: Setting, stepped: int) -> float:
     """bitsandbytes' CPU step dequantises both moments of the tensor being stepped to fp32 outside
     torch's allocator (~20 B per element, RSS only; none on CUDA)."""
@@ -327,7 +333,7 @@ def rank_plan(s: Setting, tp_rank: int, rank: int = 0, dp_rank: int = 0) -> Rank
 
     # set-up: the model is built in fp32 (megatron's CPU init forms each dense master weight once more);
     # DeepSpeed ZeRO-1/2 then copies the parameters into flat buffers (both alive during the copy)
-    build = e["P"] * 4 + 2 * e["largest"] * 4
+    build = e["P"] * (pb if s.per_layer else 4) + 2 * e["largest"] * 4   # per-layer bf16 is built in bf16
     flatten = 2 * e["P"] * pb + e["master"] if deepspeed and stage in (1, 2) else 0.0
     phases["setup"] = _phase({"parameters": max(build, flatten), "index": e["index"]})
 
@@ -339,8 +345,9 @@ def rank_plan(s: Setting, tp_rank: int, rank: int = 0, dp_rank: int = 0) -> Rank
     else:
         held_window = e["grad_full"] if ga > 1 else 0.0
     buffers = a["score_buffer"]
+    ce_copy = a["logits"] * 4 / ab if ab != 4 else 0.0   # the cross entropy's fp32 copy of 16-bit logits
     phases["forward"] = _phase({**states, "gradients": held_window, "activations": acts_all, "buffers": buffers,
-                                "temporaries": a["logits"]})
+                                "temporaries": a["logits"] + ce_copy})
 
     # backward (boundary micro-batch), simulated: output layer, layers L-1 .. 0, embedding
     by_layer: Dict[int, List[Tensor]] = {}
@@ -371,7 +378,7 @@ def rank_plan(s: Setting, tp_rank: int, rank: int = 0, dp_rank: int = 0) -> Rank
         elif s.per_layer and s.clip_grad <= 0:
             big = max((t.numel for t in layer_tensors), default=0)
             grads = (e["grad_full"] if ga > 1 else 0.0) + big * pb   # stepped and freed as each one is final
-            temp += step_scratch(s, big)
+            temp += step_scratch(s, big) + norm_scratch(big)
         else:
             grads = (produced if ga == 1 else e["grad_full"]) + new_grads
         produced += new_grads
@@ -394,8 +401,10 @@ def rank_plan(s: Setting, tp_rank: int, rank: int = 0, dp_rank: int = 0) -> Rank
         step_grads = 0.0                                       # already stepped inside backward
     else:
         step_grads = e["grad_full"]
-    phases["step"] = _phase({**states, "gradients": step_grads, "buffers": buffers,
-                             "temporaries": e["scratch"] if not (s.per_layer and s.clip_grad <= 0) else 0.0})
+    step_temp = 0.0 if (s.per_layer and s.clip_grad <= 0) else e["scratch"]
+    if s.per_layer or stage == 0:   # our global norm (DeepSpeed computes its own at ZeRO-1/2/3)
+        step_temp = max(step_temp, norm_scratch(e["largest"]))
+    phases["step"] = _phase({**states, "gradients": step_grads, "buffers": buffers, "temporaries": step_temp})
 
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
