@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-fig3", action="store_true",
                    help="the LLaMA-7B table in the paper's Fig. 3 setting beside the paper's bars")
     p.add_argument("--micro-batch", type=int, default=1, help="--paper-fig3: assumed micro-batch (default 1)")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none",
+                   help="--paper-fig3: assumed activation recompute (default none)")
     return p
 
 
@@ -49,11 +51,12 @@ def main(argv=None) -> int:
         if args.micro_batch < 1:
             print(f"megatron-sl plan: error: --micro-batch={args.micro_batch} must be >= 1", file=sys.stderr)
             return 2
-        rows = mp.paper_fig3(micro=args.micro_batch)
+        rows = mp.paper_fig3(micro=args.micro_batch, recompute=args.recompute)
         if args.json:
-            print(json.dumps({"setting": mp.PAPER_SETTING.format(micro=args.micro_batch), "rows": rows}, indent=1))
+            setting = mp.PAPER_SETTING.format(micro=args.micro_batch, recompute=args.recompute)
+            print(json.dumps({"setting": setting, "rows": rows}, indent=1))
         else:
-            print("\n".join(mp.format_paper_fig3(rows, args.micro_batch)))
+            print("\n".join(mp.format_paper_fig3(rows, args.micro_batch, args.recompute)))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)

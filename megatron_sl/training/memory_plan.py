@@ -499,14 +499,15 @@ def format_rank_table(rows: List[RankPlan]) -> List[str]:
 
 PAPER_FIG3_GB = {"Adam (bf16)": 67.4, "8-bit Adam + per-layer": 29.4, "GaLore 8-bit + per-layer": 22.0,
                  "SLTrain 8-bit + per-layer": 18.3}
-PAPER_SETTING = "single GPU, LLaMA 7B, bf16 weights (no fp32 master), seq 256, micro-batch {micro}"
+PAPER_SETTING = ("single GPU, LLaMA 7B, bf16 weights (no fp32 master), seq 256, micro-batch {micro}, "
+                 "recompute {recompute}")
 
 
-def paper_fig3(micro: int = 1, seq: int = 256) -> List[dict]:
+def paper_fig3(micro: int = 1, seq: int = 256, recompute: str = "none") -> List[dict]:
     """The 7B rows in the paper's Fig. 3 setting, our prediction beside the paper's bar (GB = 1e9 B).
 
-    Assumptions (the paper does not state them): micro-batch ``micro`` of ``seq`` tokens, no
-    activation recompute, CUDA (bitsandbytes' fused kernels), per-layer updates without clipping;
+    Assumptions (the paper does not state them): micro-batch ``micro`` of ``seq`` tokens, activation
+    recompute ``recompute``, CUDA (bitsandbytes' fused kernels), per-layer updates without clipping;
     "Adam (bf16)" is pure-bf16 torch AdamW with all gradients held (as the research code trains)."""
     from ..core.config import SLConfig
     from ..model.presets import get_preset
@@ -514,7 +515,7 @@ def paper_fig3(micro: int = 1, seq: int = 256) -> List[dict]:
     p = get_preset("7b")
     slc = SLConfig(rank=p.rank, density=p.density, alpha=p.alpha)
     base = dict(preset=p, sl_config=slc, vocab=p.vocab_size, seq=seq, micro=micro, grad_accum=1, tp=1, dp=1,
-                sequence_parallel=False, recompute="none", precision="bf16", zero_stage=0, min_8bit_size=4096,
+                sequence_parallel=False, recompute=recompute, precision="bf16", zero_stage=0, min_8bit_size=4096,
                 device="cuda")
     cases = [("Adam (bf16)", dict(variant="dense", optimizer="adamw", per_layer=True, clip_grad=1.0)),
              ("8-bit Adam + per-layer", dict(variant="dense", optimizer="adamw8bit", per_layer=True, clip_grad=0.0)),
@@ -532,8 +533,9 @@ def paper_fig3(micro: int = 1, seq: int = 256) -> List[dict]:
     return out
 
 
-def format_paper_fig3(rows: List[dict], micro: int) -> List[str]:
-    lines = [f"LLaMA 7B, paper Fig. 3 setting ({PAPER_SETTING.format(micro=micro)}; r=1024, δ=0.05; GB = 1e9 bytes)",
+def format_paper_fig3(rows: List[dict], micro: int, recompute: str = "none") -> List[str]:
+    setting = PAPER_SETTING.format(micro=micro, recompute=recompute)
+    lines = [f"LLaMA 7B, paper Fig. 3 setting ({setting}; r=1024, δ=0.05; GB = 1e9 bytes)",
              f"{'method':<28} {'paper GB':>9} {'ours GB':>9}   ours: params / grads / optimizer / index / activations "
              f"/ buffers+temporaries"]
     for r in rows:
