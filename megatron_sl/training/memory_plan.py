@@ -6,9 +6,10 @@ What one rank holds, by component (bytes):
 * **parameters**: the rank's local tensors (TP shards of B / S values / vocab rows; replicated A of
   column-parallel and B of row-parallel SL layers, norms), in the parameter dtype (bf16 runs: bf16
   weights; fp32 runs: fp32). ZeRO-3 partitions them over DP (plus one gathered layer).
-* **gradients**: in the parameter dtype. Held in full until the step at ZeRO-0/1; at ZeRO-2/3 only
-  the rank's partition plus DeepSpeed's reduce bucket; with per-layer updates and no clipping only
-  the tensor being stepped, with clipping all of them at the accumulation boundary.
+* **gradients**: in the parameter dtype. Held in full until the step at ZeRO-0; at ZeRO-1/2
+  DeepSpeed copies each reduced gradient into the rank's partition buffer (plus its reduce bucket
+  during backward and a flat fp32 copy of the partition at the step); with per-layer updates and no
+  clipping only the tensor being stepped, with clipping all of them at the accumulation boundary.
 * **master weights**: fp32 copies DeepSpeed keeps of the rank's partition (ZeRO-1/2/3, any precision)
   or of every parameter (ZeRO-0 bf16); none with per-layer updates (pure bf16 / pure fp32).
 * **optimizer states**: AdamW 8 B per element (fp32 moments; 4 B for moments of pure-bf16 parameters),
@@ -17,24 +18,30 @@ What one rank holds, by component (bytes):
   flat partition of one parameter group.
 * **index**: the SL supports, ``index_bytes(nnz)`` (4 bytes per nonzero: the int32 canonical index).
 * **activations**: what autograd saves for backward in one micro-batch of megatron's local LLaMA
-  layer (RMSNorm saves its input, 1/rms and the normalised input; each linear saves its input, an SL
-  linear nothing else; RoPE'd Q and GQA-expanded K, V; the softmax probabilities of the local
-  ``DotProductAttention``, b·heads/TP·s² elements; SwiGLU 4·T·ffn/TP; the final norm and output layer
+  layer (RMSNorm saves its input and normalised input in fp32 and 1/rms; each linear saves its input,
+  an SL linear nothing else; RoPE'd Q and GQA-expanded K, V; the fp32 softmax probabilities of the
+  local ``DotProductAttention``, b·heads/TP·s² elements, plus their 16-bit copy in bf16 runs; SwiGLU
+  4·T·ffn/TP; the final norm and output layer
   input; the vocab-parallel cross entropy's fp32 softmax, T·vocab/TP), divided by TP where megatron
   shards them, sequence-sharded under SP, and reduced by recompute: ``selective`` keeps Q, K, V and
   drops the probabilities, ``full`` keeps each layer's input only and recomputes one layer at a
   time in backward.
 * **buffers**: megatron's global attention-score buffer (b·heads/TP·s²), DeepSpeed's gradient
-  reduce bucket (ZeRO-1/2: ``reduce_bucket_size`` elements) and flat all-reduce copy (ZeRO-0, DP>1).
-* **temporaries**: the largest transient of a phase: cross-entropy logits, one SL layer's weight
-  and weight gradient in backward (dense path), the optimizer step's scratch (CPU: torch AdamW
-  ~2 × 4 B, bitsandbytes ~20 B per element of the tensor being stepped; CUDA: torch AdamW's
-  foreach scratch, bitsandbytes' fused kernels need none).
+  reduce bucket (ZeRO-1/2: ``reduce_bucket_size`` elements, from the first backward of an
+  accumulation window to its step).
+* **temporaries**: the largest transient of a phase: the logits and the cross entropy's gradient,
+  one SL layer's weight and weight gradient in backward (dense path), activation gradients, one
+  recomputed layer, DeepSpeed's flat gradient copy for the all-reduce (ZeRO-0), the optimizer
+  step's scratch (torch AdamW: sqrt(v) and the denominator, 2 x the stepped tensor; bitsandbytes:
+  nothing torch-allocated -- on CPU its kernels use ~20 B per element outside torch's allocator,
+  reported separately as ``host_scratch``), the global norm's float64 chunk.
 
-The peak is the largest of three phases, simulated in order: end of forward (states + saved
-activations + buffers), backward (activations released layer by layer while gradients appear; the
-output layer's and each SL layer's temporaries), optimizer step (states + gradients + step scratch).
-Validated against measured peaks of real training runs on CPU by ``benchmarks/bench_memory.py``.
+The peak is the largest of four phases, simulated in order: set-up (the fp32 build, DeepSpeed's
+flattening), forward of the window's last micro-batch (states + held gradients + saved activations
++ buffers), its backward (activations released layer by layer while gradients appear), the
+optimizer step (states + gradients + step scratch). Figures are torch-allocated bytes, what
+``torch.cuda.max_memory_allocated`` reports; ``benchmarks/bench_memory.py`` checks them against the
+live-tensor peaks of real training runs on CPU.
 """
 
 from __future__ import annotations
@@ -55,10 +62,6 @@ GB = 1e9
 # block per moment, two 256-entry fp32 quantisation maps per tensor.
 BNB_BLOCK = 256
 BNB_QMAP_BYTES = 2 * 256 * 4
-# Scratch of one optimizer step per element of the tensor being stepped (measured on CPU:
-# bitsandbytes dequantises both moments to fp32 and back; torch's single-tensor AdamW forms sqrt and
-# the denominator).
-STEP_SCRATCH_CPU = {"adamw": 8.0, "adamw8bit": 20.0}
 COMPONENTS = ("parameters", "gradients", "master", "optimizer", "index", "activations", "buffers", "temporaries")
 
 
@@ -109,10 +112,12 @@ def local_tensors(preset, variant: str, sl_config, vocab: int, tp: int, tp_rank:
                 nnz = _share(nnz_for(m, n, density), tp, tp_rank)
                 if column[slot]:
                     ml, nl = m // tp, n
-                    out += [Tensor(name + ".B", ml * r, layer, "B", True), Tensor(name + ".A", r * n, layer, "A", False)]
+                    out += [Tensor(name + ".B", ml * r, layer, "B", True),
+                            Tensor(name + ".A", r * n, layer, "A", False)]
                 else:
                     ml, nl = m, n // tp
-                    out += [Tensor(name + ".A", r * nl, layer, "A", True), Tensor(name + ".B", m * r, layer, "B", False)]
+                    out += [Tensor(name + ".A", r * nl, layer, "A", True),
+                            Tensor(name + ".B", m * r, layer, "B", False)]
                 out.append(Tensor(name + ".values", nnz, layer, "values", True, (ml, nl)))
     out.append(Tensor("final_layernorm", d, L, "norm", False))
     out.append(Tensor("output_layer", vocab // tp * d, L, "output", True))
@@ -218,7 +223,8 @@ def activation_model(s: Setting) -> dict:
     else:
         per_layer = full_layer
     V = s.vocab // tp
-    final = norm + (T * h / sp) * ab + T * V * 4 + T * 9 + T * 8     # final norm, output input, CE softmax, mask, target
+    # final norm, output-layer input, the cross entropy's fp32 softmax, its target mask and index
+    final = norm + (T * h / sp) * ab + T * V * 4 + T * 9 + T * 8
     return {"per_layer": per_layer, "full_layer": full_layer, "final": final, "embedding": T * 8,
             "score_buffer": probs * ab, "logits": T * V * ab}
 
@@ -282,16 +288,19 @@ def engine_model(s: Setting, tensors: List[Tensor]) -> dict:
     elif stage == 0:
         master = 4.0 * P if s.precision == "bf16" else 0.0
         states = sum(state_bytes_of(t.numel, s.optimizer, s.min_8bit_size) for t in tensors)
-        stepped = largest
+        # torch AdamW steps tensor by tensor on CPU, a whole group at once (foreach) on CUDA
+        stepped = max(_groups(tensors).values()) if s.device == "cuda" else largest
     else:  # ZeRO-1/2/3: one fp32 flat partition per parameter group
         master = 4.0 * sum(parts)
         states = sum(state_bytes_of(n, s.optimizer, s.min_8bit_size) for n in parts)
         stepped = max(parts)
     nnz = sum(t.numel for t in tensors if t.kind == "values")
+    bucket = 0.0
+    if deepspeed and stage in (1, 2):  # ZeRO-1 stages an fp32 accumulator, ZeRO-2 the gradient dtype
+        bucket = s.reduce_bucket * (4 if s.precision == "fp32" or stage == 1 else pb)
     return {"P": P, "largest": largest, "stepped": stepped, "parameters": params, "master": master,
             "optimizer": states, "index": index_bytes(nnz), "scratch": step_scratch(s, stepped),
-            "host_scratch": cpu_host_scratch(s, stepped),
-            "bucket": s.reduce_bucket * (4 if s.precision == "fp32" or stage == 1 else pb) if deepspeed and stage in (1, 2) else 0.0,
+            "host_scratch": cpu_host_scratch(s, stepped), "bucket": bucket,
             "grad_full": P * pb, "grad_partition": sum(parts) * pb if deepspeed and stage >= 1 else 0.0,
             "step_grad": 4.0 * max(parts) if deepspeed and stage >= 1 else 0.0}
 

@@ -93,7 +93,8 @@ def test_recompute_zero_and_tp_lower_the_plan():
 
     acts = {m: rank0(f"model.recompute={m}").phases["forward"] for m in ("none", "selective", "full")}
     assert acts["full"] < acts["selective"] < acts["none"]
-    opt = {z: rank0(f"deepspeed.zero_stage={z}", "launch.nproc_per_node=4", "train.global_batch_size=16").components["optimizer"] for z in (0, 1)}
+    opt = {z: rank0(f"deepspeed.zero_stage={z}", "launch.nproc_per_node=4",
+                    "train.global_batch_size=16").components["optimizer"] for z in (0, 1)}
     assert opt[1] == pytest.approx(opt[0] / 4, rel=0.05)
     one = rank0("model.seq_length=512", "launch.nproc_per_node=2", "train.global_batch_size=16")
     two = rank0("model.seq_length=512", "launch.nproc_per_node=4", "train.global_batch_size=16",
