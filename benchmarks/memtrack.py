@@ -3,7 +3,11 @@
 ``LiveTensorTracker`` is a TorchDispatchMode that sees every aten op (forward and the autograd
 backward, which runs on the calling thread for CPU tensors), registers each new output storage
 and frees it when the storage dies, so ``peak`` is the largest number of bytes held at once by
-tensors created inside the region. ``saved_bytes`` measures what autograd keeps for backward.
+tensors created inside the region (``torch.cuda.max_memory_allocated`` for any device, when the
+tracker is entered before the model is built). ``mark(label)`` closes a phase: it records the
+bytes live at that point and the peak reached since the previous mark, so a training step can be
+split into set-up / forward / backward / optimizer step. ``saved_bytes`` measures what autograd
+keeps for backward.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ class LiveTensorTracker(TorchDispatchMode):
         self.live = {}
         self.current = 0
         self.peak = 0
+        self.phases = []  # (label, bytes live at the mark, peak since the previous mark)
+        self._phase_peak = 0
 
     def _track(self, t):
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
             return
         st = t.untyped_storage()
         key = st.data_ptr()
@@ -31,7 +37,12 @@ class LiveTensorTracker(TorchDispatchMode):
         self.live[key] = st.nbytes()
         self.current += st.nbytes()
         self.peak = max(self.peak, self.current)
+        self._phase_peak = max(self._phase_peak, self.current)
         weakref.finalize(st, self._free, key)
+
+    def mark(self, label: str) -> None:
+        self.phases.append((label, self.current, self._phase_peak))
+        self._phase_peak = self.current
 
     def _free(self, key):
         self.current -= self.live.pop(key, 0)

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "prepare-data": ("megatron_sl.cli.prepare_data", "JSONL -> sentencepiece -> megatron indexed .bin/.idx"),
     "presets": ("megatron_sl.cli.presets", "print each LLaMA preset's parameter counts"),
     "report": ("megatron_sl.cli.report", "PNG plots + HTML summary of run directories (runs overlaid)"),
+    "plan": ("megatron_sl.cli.plan", "per-rank memory of a config, from the config alone (no ranks, no data)"),
 }
 
 

@@ -4,8 +4,8 @@ Outside a launcher: validate the config for ``launch.nproc_per_node`` ranks (exi
 message naming the bad key/value, nothing written, no rank started), then start the ranks with
 torchrun. Inside a launcher (torchrun, ``deepspeed``, srun, mpirun): validate again for the
 launcher's world size, then train this rank. ``--check`` validates and prints the plan only;
-``--dry-run`` builds the sharded model on every rank and prints per-rank parameter and memory
-figures without training. Overrides and options may be mixed in any order.
+``--dry-run`` prints per-rank parameter and memory figures from the memory planner without
+starting ranks or reading data (under a launcher rank 0 prints and every rank exits 0). Overrides and options may be mixed in any order.
 
 Exit codes: 0 done; 1 crash; 2 bad input (config, data, run directory locked by another run,
 refused resume; one message, no rank started); 3 diverged (``guard.max_bad_steps`` consecutive
@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, values parsed as YAML")
     p.add_argument("--check", action="store_true", help="validate the config and print the plan; do not train")
     p.add_argument("--dry-run", action="store_true",
-                   help="build the sharded model on every rank, print per-rank parameter/memory figures; no training")
+                   help="print per-rank parameter/memory figures from the memory planner; no ranks, no data")
     p.add_argument("--allow-config-change", metavar="KEY[,KEY]", action="append", default=[],
                    help="accept these changed config keys (or sections) when resuming from a checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -89,12 +89,14 @@ def _main(argv=None) -> int:
 
         die_with_parent()
     rank = rank_env().rank if launched else 0
+    if args.dry_run:
+        return dry_run_main(args, launched, rank)
     overrides = [*args.overrides, *_allow_overrides(args.allow_config_change)]
     lock = None
     try:
         cfg = load_config(args.config, overrides)
         world = rank_env().world_size if launched else cfg.launch.nproc_per_node
-        want_lock = not launched and not args.check and not args.dry_run
+        want_lock = not launched and not args.check
         if want_lock and Path(cfg.run.output_dir).is_dir():  # another run's files are no config error
             lock = RunLock(cfg.run.output_dir).acquire()
         plan = make_plan(cfg, world)
@@ -113,9 +115,8 @@ def _main(argv=None) -> int:
     if not launched:
         from megatron_sl.training.launch import run_local_ranks
 
-        extra = ["--dry-run"] if args.dry_run else []
         try:
-            return run_local_ranks(cfg.launch.nproc_per_node, args.config, [*extra, *overrides],
+            return run_local_ranks(cfg.launch.nproc_per_node, args.config, list(overrides),
                                    cfg.launch.master_port, lock=lock)
         finally:
             if lock is not None:
@@ -126,11 +127,6 @@ def _main(argv=None) -> int:
     from megatron_sl.training.distributed import silence_known_warnings
 
     silence_known_warnings()
-    if args.dry_run:
-        from megatron_sl.training.dry_run import dry_run
-
-        dry_run(cfg, plan)
-        return 0
     from megatron_sl.training.batches import CorruptDataError
     from megatron_sl.training.checkpoint import CheckpointError
     from megatron_sl.training.guards import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, Diverged
@@ -151,6 +147,23 @@ def _main(argv=None) -> int:
         if rank == 0:
             print(f"megatron-sl train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT_FAILED
+
+
+def dry_run_main(args, launched: bool, rank: int) -> int:
+    """``--dry-run``: the planner's per-rank figures; data optional, no rank started, nothing written."""
+    from megatron_sl.training.dry_run import dry_run
+    from megatron_sl.training.memory_plan import resolve_plan
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = rank_env().world_size if launched else cfg.launch.nproc_per_node
+        plan, note = resolve_plan(cfg, world)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"megatron-sl train: error: {e}", file=sys.stderr)
+        return 2
+    dry_run(cfg, plan, rank=rank, note=note)
+    return 0
 
 
 if __name__ == "__main__":

@@ -50,6 +50,14 @@ def check_parallel_shape(preset: LlamaPreset, tp: int, vocab_size: int, seq_leng
                              f"tensor-parallel size {tp}")
 
 
+# model.recompute -> megatron-core's own activation-recompute fields of TransformerConfig.
+RECOMPUTE_FIELDS = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
 def transformer_config(preset: LlamaPreset, tp: int, sequence_parallel: bool, params_dtype: torch.dtype,
                        **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -75,7 +83,8 @@ def transformer_config(preset: LlamaPreset, tp: int, sequence_parallel: bool, pa
 
 def build_model(preset: Union[str, LlamaPreset], variant: str = "sl", sl_config: Optional[SLConfig] = None,
                 vocab_size: Optional[int] = None, seq_length: Optional[int] = None, sequence_parallel: bool = False,
-                params_dtype: torch.dtype = torch.float32, seed: int = 0, config_overrides: Optional[dict] = None):
+                params_dtype: torch.dtype = torch.float32, seed: int = 0, config_overrides: Optional[dict] = None,
+                recompute: str = "none"):
     """The GPTModel for ``preset`` (name or LlamaPreset).
 
     Args:
@@ -85,9 +94,13 @@ def build_model(preset: Union[str, LlamaPreset], variant: str = "sl", sl_config:
         sequence_parallel: megatron sequence parallelism (needs TP > 1).
         params_dtype: parameter dtype (float32, bfloat16, float16).
         seed: seeds torch / megatron's tracker (dense init) and the default sl_config.
-        config_overrides: extra TransformerConfig fields (e.g. recompute settings on GPUs).
+        config_overrides: extra TransformerConfig fields (they win over ``recompute``'s).
+        recompute: "none", "selective" (megatron recomputes core attention) or "full" (every
+            transformer layer is checkpointed, one layer per recompute unit); see ``RECOMPUTE_FIELDS``.
     """
     p = get_preset(preset)
+    if recompute not in RECOMPUTE_FIELDS:
+        raise ValueError(f"recompute={recompute!r} is not one of {list(RECOMPUTE_FIELDS)}")
     if sl_config is None:
         sl_config = default_sl_config(p, seed)
     variant_sl_config(sl_config, variant)  # validates variant and sl_config
@@ -116,7 +129,8 @@ def build_model(preset: Union[str, LlamaPreset], variant: str = "sl", sl_config:
 
     apply_cpu_shims()
     seed_model_parallel(seed)
-    config = transformer_config(p, tp, sequence_parallel, params_dtype, **(config_overrides or {}))
+    config = transformer_config(p, tp, sequence_parallel, params_dtype,
+                                **{**RECOMPUTE_FIELDS[recompute], **(config_overrides or {})})
     spec = get_gpt_decoder_block_sl_spec(config, sl_config, variant)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
                      position_embedding_type="rope", rotary_base=int(p.rope_base),

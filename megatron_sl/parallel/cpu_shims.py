@@ -10,11 +10,16 @@ shared/notes/megatron-cpu.md):
   name as on GPU (so tensor-parallel dropout still differs per TP rank).
 * C. the default causal mask (used when ``attention_mask=None``) is created with ``device="cuda"``:
   replaced by a CPU one.
+* D. activation recompute (``tensor_parallel.checkpoint``: megatron's ``CheckpointFunction``, used by
+  ``recompute_granularity`` full and selective) saves and restores the CUDA generator state around
+  the recomputed forward through ``_get_cuda_rng_state`` / ``_set_cuda_rng_state``: without CUDA
+  there is no such state, so they become a placeholder and a no-op. The CPU generator and the
+  tracker's states (shim B) are saved and restored by megatron itself (``torch.get_rng_state``,
+  tracker ``get_states``/``set_states``), so a recomputed forward replays the same random streams.
 
 ``apply_cpu_shims()`` installs them once (idempotent) and does nothing when CUDA is available, so
-the same code runs the CPU demo and the GPU cluster. Activation recompute still needs CUDA RNG
-state functions and is not covered. ``seed_model_parallel(seed)`` seeds torch and megatron's
-tracker on either device.
+the same code runs the CPU demo and the GPU cluster. ``seed_model_parallel(seed)`` seeds torch and
+megatron's tracker on either device.
 """
 
 from __future__ import annotations
@@ -61,6 +66,17 @@ def _cpu_tracker_class():
     return CpuRNGStatesTracker
 
 
+_NO_CUDA_RNG_STATE = torch.empty(0, dtype=torch.uint8)
+
+
+def _cpu_get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+    return _NO_CUDA_RNG_STATE
+
+
+def _cpu_set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -78,7 +94,7 @@ def _install_cpu_tracker() -> None:
 
 
 def apply_cpu_shims() -> bool:
-    """Install shims A, B, C when CUDA is absent; returns True if they are (now) active."""
+    """Install shims A, B, C, D when CUDA is absent; returns True if they are (now) active."""
     global _APPLIED
     if torch.cuda.is_available():
         return False
@@ -91,6 +107,10 @@ def apply_cpu_shims() -> bool:
 
     tutils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    from megatron.core.tensor_parallel import random as mrandom  # D
+
+    mrandom._get_cuda_rng_state = _cpu_get_cuda_rng_state
+    mrandom._set_cuda_rng_state = _cpu_set_cuda_rng_state
     _APPLIED = True
     return True
 

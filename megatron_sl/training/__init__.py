@@ -18,6 +18,7 @@ Modules (imported lazily by their users; this package imports nothing itself):
   signals agreed across ranks (exit 75) and the signal-forwarding torchrun wrapper; ``resume_check``
   -- the resumed checkpoint's config against the new one; ``guards`` -- bad-step skipping, divergence
   stop, step watchdog and the exit codes;
-  ``dry_run`` -- per-rank parameter and memory figures without training;
+  ``memory_plan`` -- per-rank memory from the config alone (``megatron-sl plan``); ``dry_run`` --
+  the planner's per-rank figures for ``train --dry-run``;
 * ``data`` -- corpus, tokenizer, ``prepare-data`` and megatron GPTDatasets.
 """

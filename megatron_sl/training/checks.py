@@ -23,14 +23,20 @@ import torch.distributed as dist
 from .optim import is_tp_sharded
 
 
+CHECKSUM_CHUNK = 1 << 20  # elements per float64 chunk: bounded scratch (not 32 B per element of a 7B embedding)
+
+
 def checksums(tensors: List[torch.Tensor], device) -> torch.Tensor:
+    """Per tensor [sum(x), sum(x_i · i/n)] in float64, computed chunk by chunk."""
     out = torch.zeros(len(tensors), 2, dtype=torch.float64, device=device)
     for i, t in enumerate(tensors):
-        d = t.detach().reshape(-1).to(device=device, dtype=torch.float64)
-        if d.numel():
-            w = torch.arange(1, d.numel() + 1, dtype=torch.float64, device=device) / d.numel()
-            out[i, 0] = d.sum()
-            out[i, 1] = (d * w).sum()
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        for start in range(0, n, CHECKSUM_CHUNK):
+            d = flat[start:start + CHECKSUM_CHUNK].to(device=device, dtype=torch.float64)
+            w = torch.arange(start + 1, start + d.numel() + 1, dtype=torch.float64, device=device) / n
+            out[i, 0] += d.sum()
+            out[i, 1] += (d * w).sum()
     return out
 
 

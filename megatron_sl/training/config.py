@@ -48,6 +48,7 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 SL_PATHS = ("auto", "dense", "factored")
 SL_SLOTS = ("qkv", "proj", "fc1", "fc2")
+RECOMPUTE = ("none", "selective", "full")
 
 
 @dataclasses.dataclass
@@ -57,6 +58,10 @@ class ModelSection:
     ``variant``: "sl" (W = s·BA + S), "lowrank" (W = s·BA, the δ=0 baseline) or "dense" (full rank).
     A ``None`` shape field keeps the preset's value. ``vocab_size`` ``None`` = the tokenizer's
     vocabulary, padded up to a multiple of ``make_vocab_size_divisible_by`` × TP (as megatron does).
+    ``recompute``: activation recompute through megatron-core's own mechanism: "none" (keep every
+    activation for backward), "selective" (core attention is recomputed, so its b·heads·s² softmax
+    probabilities are not kept) or "full" (each transformer layer keeps only its input and runs
+    again in backward).
     """
 
     preset: str = "tiny"
@@ -69,6 +74,7 @@ class ModelSection:
     seq_length: Optional[int] = None
     vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
+    recompute: str = "none"
 
 
 @dataclasses.dataclass
@@ -116,7 +122,8 @@ class OptimSection:
     ``None`` = 10 % of train_iters) and clipping (``clip_grad`` 0 = off).
 
     ``per_layer``: step each parameter's optimizer inside its post-accumulate-grad hook at the
-    gradient-accumulation boundary (no DeepSpeed; needs ``deepspeed.zero_stage=0``).
+    gradient-accumulation boundary (no DeepSpeed; needs ``deepspeed.zero_stage=0``). With
+    ``train.precision=bf16`` the parameters are pure bf16 (no fp32 master copy), the paper's setting.
     ``min_8bit_size``: bitsandbytes keeps fp32 state for tensors (under ZeRO: flat partitions)
     smaller than this.
     """
@@ -281,6 +288,7 @@ class TrainConfig:
 # Allowed-value sets per key (checked at load; everything else about values is in ``validate``).
 CHOICES = {
     "model.variant": VARIANTS,
+    "model.recompute": RECOMPUTE,
     "sl.path": SL_PATHS,
     "train.precision": PRECISIONS,
     "optim.name": OPTIMIZERS,

@@ -16,6 +16,18 @@ import torch.distributed as dist
 from .optim import is_tp_sharded
 
 CLIP_EPS = 1e-6  # same as torch.nn.utils.clip_grad_norm_ and DeepSpeed
+# Elements per float64 partial sum: the squares are formed chunk by chunk, so the scratch stays at
+# 16 MiB instead of 16 bytes per element of the largest gradient (2 GiB for a 7B embedding).
+NORM_CHUNK = 1 << 20
+
+
+def squared_sum(t: torch.Tensor) -> torch.Tensor:
+    """sum(t²) in float64, computed in chunks of NORM_CHUNK elements (0-dim tensor on t's device)."""
+    flat = t.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for chunk in flat.split(NORM_CHUNK):
+        total += chunk.double().pow(2).sum()
+    return total
 
 
 def squared_norm_parts(params: Iterable[torch.nn.Parameter], device=None) -> torch.Tensor:
@@ -27,7 +39,7 @@ def squared_norm_parts(params: Iterable[torch.nn.Parameter], device=None) -> tor
             continue
         if out is None:
             out = torch.zeros(2, dtype=torch.float64, device=p.grad.device)
-        out[0 if is_tp_sharded(p) else 1] += p.grad.detach().double().pow(2).sum().to(out.device)
+        out[0 if is_tp_sharded(p) else 1] += squared_sum(p.grad).to(out.device)
     return out if out is not None else torch.zeros(2, dtype=torch.float64)
 
 

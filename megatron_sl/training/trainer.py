@@ -75,10 +75,13 @@ def _prepare_run_dir(cfg: TrainConfig, ds_config: Optional[dict]) -> Path:
 def _build_model(cfg: TrainConfig, plan: Plan):
     from ..model import build_model
 
+    # DeepSpeed casts fp32 parameters itself and keeps fp32 masters; per-layer bf16 is pure bf16 (the paper's)
+    pure_bf16 = cfg.optim.per_layer and cfg.train.precision == "bf16"
     return build_model(plan.preset, variant=cfg.model.variant, sl_config=plan.sl_config,
                        vocab_size=plan.vocab_size, seq_length=plan.seq_length,
-                       sequence_parallel=cfg.parallel.sequence_parallel, params_dtype=torch.float32,
-                       seed=cfg.train.seed)
+                       sequence_parallel=cfg.parallel.sequence_parallel,
+                       params_dtype=torch.bfloat16 if pure_bf16 else torch.float32,
+                       seed=cfg.train.seed, recompute=cfg.model.recompute)
 
 
 def _datasets(cfg: TrainConfig, plan: Plan):

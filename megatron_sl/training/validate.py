@@ -342,9 +342,6 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
             _fail(f"optim.per_layer=true cannot be combined with deepspeed.zero_stage={cfg.deepspeed.zero_stage}: "
                   "ZeRO-1/2/3 partition or reduce gradients inside DeepSpeed and would undo or crash on the "
                   "in-backward updates; use deepspeed.zero_stage=0 (per-layer runs without DeepSpeed)")
-        if t.precision != "fp32":
-            _fail(f"optim.per_layer=true supports train.precision='fp32' only (got {t.precision!r}): it keeps no "
-                  "separate fp32 master weights")
     else:
         ds_template = find_ds_template(cfg)
 

@@ -28,7 +28,7 @@
 #   MSL_NPROC_PER_NODE  ranks per node (default: GPUs on the node, else 8)
 #   MSL_PYTHON          interpreter (default: <repo>/.venv/bin/python if present, else python3)
 #   MSL_MASTER_PORT     rendezvous port on the first node (default: derived from job id + restart)
-#   MSL_DRY_RUN=1       pass --dry-run (build the sharded model, print per-rank figures, no training)
+#   MSL_DRY_RUN=1       pass --dry-run (the memory planner's per-rank figures, no training)
 #   MSL_MAX_RESTARTS    stop requeueing after this many restarts (default 100)
 #   MSL_SRUN_WAIT       seconds srun waits after the first node exits before killing the rest (120)
 #   MSL_REPO            repository root (default: $SLURM_SUBMIT_DIR)

@@ -94,7 +94,6 @@ def test_plan_derives_accumulation_and_padded_vocab(tiny_data, tmp_path):
     (["model.variant=lowrank", "sl.density=0.1"], 2, "contradicts model.variant='lowrank'"),
     (["optim.per_layer=true", "deepspeed.zero_stage=1"], 2,
      "optim.per_layer=true cannot be combined with deepspeed.zero_stage=1"),
-    (["optim.per_layer=true", "deepspeed.zero_stage=0", "train.precision=bf16"], 2, "supports train.precision='fp32'"),
     (["optim.warmup_iters=500"], 2, "optim.warmup_iters=500 must be in [0, train.train_iters=150]"),
     (["optim.lr=0"], 2, "optim.lr=0.0 must be > 0"),
     (["optim.beta2=1.0"], 2, "optim.beta2=1.0 must be in [0, 1)"),
