@@ -106,6 +106,15 @@ def _kill_all(pids) -> None:
             pass
 
 
+def _waited_signal(info, waited) -> "signal.Signals | None":
+    """The signal ``sigtimedwait`` returned, or None for a timeout -- or for a wake-up that carries
+    no signal of ``waited`` (seen after the process was stopped and continued: ``si_signo`` then
+    holds garbage)."""
+    if info is None or info.si_signo not in {int(s) for s in waited}:
+        return None
+    return signal.Signals(info.si_signo)
+
+
 def supervise(proc: subprocess.Popen, announce: bool = True) -> int:
     """Forward stop signals to ``proc`` (the agent) until it exits, abort on a SIGINT after a stop
     request, and return its exit code once none of its descendants is alive. The caller has blocked
@@ -117,9 +126,9 @@ def supervise(proc: subprocess.Popen, announce: bool = True) -> int:
         if proc.poll() is not None:
             break
         info = signal.sigtimedwait(FORWARDED, 0.5)
-        if info is None:
+        sig = _waited_signal(info, FORWARDED)
+        if sig is None:
             continue
-        sig = signal.Signals(info.si_signo)
         if sig == signal.SIGINT and stop_sent:
             aborted = True
             print("[megatron-sl] interrupted again: killing the ranks now, without a checkpoint", file=sys.stderr,

@@ -213,7 +213,8 @@ class _Forwarder:
         pending: List[signal.Signals] = []
         while True:
             info = signal.sigtimedwait(set(self.sigs), self.poll_s)
-            if info is not None:
+            # after a SIGSTOP/SIGCONT of this process, a wake-up may carry a garbage si_signo: ignore it
+            if info is not None and info.si_signo in {int(x) for x in self.sigs}:
                 sig = signal.Signals(info.si_signo)
                 if sig == signal.SIGINT and self.stop_seen:
                     self.aborted = True
