@@ -11,6 +11,9 @@ SUBCOMMANDS = {
     "train": ("megatron_sl.cli.train", "train from a YAML config with key=value overrides"),
     "prepare-data": ("megatron_sl.cli.prepare_data", "JSONL -> sentencepiece -> megatron indexed .bin/.idx"),
     "presets": ("megatron_sl.cli.presets", "print each LLaMA preset's parameter counts"),
+    "export-hf": ("megatron_sl.cli.export_hf", "a checkpoint as a Hugging Face LLaMA directory (or --sl: factored)"),
+    "generate": ("megatron_sl.cli.generate", "sample from a checkpoint (greedy or top-p)"),
+    "import-hf": ("megatron_sl.cli.import_hf", "initialise SL weights from a dense Hugging Face LLaMA (SVD + residual)"),
 }
 
 
