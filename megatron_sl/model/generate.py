@@ -3,7 +3,9 @@
 No KV cache: every new token re-runs the model on the whole context (at most ``max_context``
 tokens, the most recent ones), which is enough for a quick look at a run on CPU or one GPU.
 The model is called as in training, ``model(tokens [1, s], position_ids [1, s], None)`` (causal
-mask), and returns logits [1, s, vocab] (the padded vocabulary; ``vocab_limit`` masks the padding).
+mask), and returns logits [1, s, vocab / TP] (the padded vocabulary; ``vocab_limit`` masks the
+padding); under tensor parallelism the vocabulary shards are all-gathered, so every TP rank
+samples the same token (sampling needs the same ``generator`` state on every rank).
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
+def _full_vocab(logits: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return logits
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_tensor_model_parallel_world_size() == 1:
+        return logits
+    group = ps.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, logits.contiguous(), group=group)
+    return torch.cat(shards, -1)
+
+
 @torch.no_grad()
 def generate(model, prompt: Sequence[int], max_new_tokens: int, *, greedy: bool = True, top_p: float = 1.0,
              temperature: float = 1.0, generator: Optional[torch.Generator] = None, eos_id: Optional[int] = None,
@@ -42,7 +59,7 @@ def generate(model, prompt: Sequence[int], max_new_tokens: int, *, greedy: bool 
         ctx = ids[-max_context:] if max_context else ids
         tokens = torch.tensor([ctx], dtype=torch.long, device=device)
         pos = torch.arange(len(ctx), device=device)[None]
-        logits = model(tokens, pos, None)[0, -1].float()
+        logits = _full_vocab(model(tokens, pos, None)[0, -1].float())
         if vocab_limit is not None:
             logits[vocab_limit:] = float("-inf")
         if greedy:
