@@ -296,9 +296,14 @@ def load_weights(model: torch.nn.Module, weights: GlobalWeights) -> None:
 def _local_slice(model, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     if tuple(param.shape) == tuple(full.shape):
         return full
-    from megatron.core import parallel_state as ps
+    import torch.distributed as dist
 
-    tp, t = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tp, t = 1, 0
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            tp, t = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     m = re.fullmatch(r"decoder\.layers\.\d+\.(.+)\.weight", name)
     slot = next((s for s, path in SLOT_PATHS.items() if m and m.group(1) == path), None)
     if slot in COLUMN_SLOTS:
@@ -307,7 +312,9 @@ def _local_slice(model, name: str, param: torch.Tensor, full: torch.Tensor) -> t
         w = full.shape[1] // tp
         return full[:, t * w:(t + 1) * w]
     if name in (EMBEDDING, OUTPUT):
-        rows = full.shape[0] // tp
+        rows = param.shape[0]
+        if full.shape[0] < rows * tp:  # a smaller (unpadded) vocabulary: the padding rows are zero
+            full = torch.cat([full, full.new_zeros(rows * tp - full.shape[0], full.shape[1])])
         return full[t * rows:(t + 1) * rows]
     raise ExportError(f"parameter {name!r}: shape {tuple(param.shape)} vs weights {tuple(full.shape)}")
 

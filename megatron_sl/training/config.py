@@ -54,6 +54,9 @@ class ModelSection:
     ``variant``: "sl" (W = s·BA + S), "lowrank" (W = s·BA, the δ=0 baseline) or "dense" (full rank).
     A ``None`` shape field keeps the preset's value. ``vocab_size`` ``None`` = the tokenizer's
     vocabulary, padded up to a multiple of ``make_vocab_size_divisible_by`` × TP (as megatron does).
+    ``init_from``: a factored SL weight directory (``megatron-sl import-hf`` output or
+    ``export-hf --sl``) whose weights replace the initialisation of a fresh run (a resume still
+    loads its checkpoint); its shape and SL settings must equal this config's.
     """
 
     preset: str = "tiny"
@@ -66,6 +69,7 @@ class ModelSection:
     seq_length: Optional[int] = None
     vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
+    init_from: Optional[str] = None
 
 
 @dataclasses.dataclass

@@ -217,6 +217,33 @@ def read_sl(directory) -> GlobalWeights:
     return from_sl_tensors(load_file(str(d / SL_WEIGHTS)), doc["matrices"], preset, sl)
 
 
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "norm_eps",
+                "rope_base")
+
+
+def check_sl_dir(directory, preset, sl_config, vocab_size: int) -> None:
+    """``ExportError`` unless ``directory`` is a factored SL export loadable into this model (same
+    shape, RMSNorm eps, RoPE base and SL rank/density/alpha/seed/targets; vocabulary not larger)."""
+    d = Path(directory)
+    if not (d / SL_META).is_file() or not (d / SL_WEIGHTS).is_file():
+        raise ExportError(f"{d} is not a factored SL weight directory (needs {SL_META} and {SL_WEIGHTS})")
+    doc = json.loads((d / SL_META).read_text())
+    theirs = doc["preset"]
+    diff = [f"{k}: weights {theirs[k]} vs model {getattr(preset, k)}" for k in SHAPE_FIELDS
+            if theirs[k] != getattr(preset, k)]
+    if doc["vocab_size"] > vocab_size:
+        diff.append(f"vocab_size: weights {doc['vocab_size']} > model {vocab_size}")
+    mine = None if sl_config is None else {"rank": sl_config.rank, "density": sl_config.density,
+                                           "alpha": sl_config.alpha, "seed": sl_config.seed,
+                                           "targets": list(sl_config.targets)}
+    stored = None if doc["sl_config"] is None else {k: doc["sl_config"][k] for k in ("rank", "density", "alpha", "seed",
+                                                                                    "targets")}
+    if mine != stored:
+        diff.append(f"SL settings: weights {stored} vs model {mine}")
+    if diff:
+        raise ExportError("the weights do not fit this model: " + "; ".join(diff))
+
+
 def init_single_process(device: str = "cpu", seed: int = 0) -> None:
     """torch.distributed as a one-rank gloo group (unless initialised) + megatron parallel_state at TP=1."""
     import torch.distributed as dist

@@ -220,6 +220,16 @@ def check_output_dir(cfg: TrainConfig) -> None:
         _fail(f"config key run.output_dir={cfg.run.output_dir!r}: {str(parent)!r} is not writable")
 
 
+def check_init_from(path: str, preset, sl_config: Optional[SLConfig], vocab: int) -> None:
+    """``model.init_from`` must be a factored SL directory of this model's shape and SL settings."""
+    from .export import ExportError, check_sl_dir
+
+    try:
+        check_sl_dir(path, preset, sl_config, vocab)
+    except ExportError as e:
+        _fail(f"config key model.init_from={path!r}: {e}")
+
+
 def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the Plan. Raises ConfigError.
 
@@ -293,6 +303,8 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
         base_vocab = tok_vocab
     multiple = cfg.model.make_vocab_size_divisible_by * tp
     vocab = -(-base_vocab // multiple) * multiple
+    if cfg.model.init_from is not None and check_inputs:
+        check_init_from(cfg.model.init_from, preset, sl_config, vocab)
     if check_outputs:
         check_output_dir(cfg)
     return Plan(world_size=world_size, tp=tp, dp=dp, grad_accum=ga, micro_batch_size=t.micro_batch_size,

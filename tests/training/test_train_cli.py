@@ -80,6 +80,9 @@ def test_demo_end_to_end(tmp_path):
     ckpt = re.search(r"\[demo\] checkpoint: (\S+);", proc.stdout).group(1)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000010\n" and ckpt.endswith("step_00000010")
     assert (tmp_path / "data" / "demo").is_dir()
+    sample = re.search(r"\[demo\] greedy sample: [\"'](.*)[\"']$", proc.stdout, re.M)
+    assert sample and sample.group(1).startswith("It is a truth universally acknowledged"), proc.stdout[-2000:]
+    assert len(sample.group(1)) > len("It is a truth universally acknowledged")
 
 
 def test_demo_rejects_bad_variant_before_fetching(tmp_path, capsys):
