@@ -25,12 +25,18 @@ STEPS = 12
 TOL = 1e-4
 
 
-def _train(data, out: Path, tp: int) -> Path:
+# name -> (TP size, extra overrides): SL with DeepSpeed ZeRO-1 at TP=1 (DP=2) and TP=2, and the dense
+# variant with the per-layer engine at TP=2 (megatron's fused dense qkv / stride-2 fc1 weights)
+RUNS = {"tp1": (1, []), "tp2": (2, []),
+        "tp2_dense_per_layer": (2, ["model.variant=dense", "optim.per_layer=true", "deepspeed.zero_stage=0"])}
+
+
+def _train(data, out: Path, tp: int, extra=()) -> Path:
     cmd = megatron_sl_cmd("train", "--config", str(TINY_SL),
                           *tiny_overrides(data, out, f"train.train_iters={STEPS}", "train.global_batch_size=4",
                                           "train.micro_batch_size=2", "eval.interval=0", "eval.iters=1",
                                           "eval.at_start=false", "launch.nproc_per_node=2",
-                                          f"parallel.tensor_parallel={tp}"))
+                                          f"parallel.tensor_parallel={tp}", *extra))
     r = subprocess.run(cmd, cwd=REPO, env=rank_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out / "checkpoints" / f"step_{STEPS:08d}"
@@ -45,11 +51,11 @@ def _cli(*args, timeout=300):
 def exported(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for tp in (1, 2):
-        ckpt = _train(tiny_data, root / f"run_tp{tp}", tp)
-        r = _cli("export-hf", str(ckpt), str(root / f"hf_tp{tp}"))
+    for name, (tp, extra) in RUNS.items():
+        ckpt = _train(tiny_data, root / f"run_{name}", tp, extra)
+        r = _cli("export-hf", str(ckpt), str(root / f"hf_{name}"))
         assert r.returncode == 0, r.stdout + r.stderr
-        out[tp] = (ckpt, root / f"hf_tp{tp}")
+        out[name] = (ckpt, root / f"hf_{name}")
     return out
 
 
@@ -72,8 +78,10 @@ def _compare(rank, world, ckpt: str, hf_dir: str):
     w = ck.weights
     model = build_model(w.preset, variant=ck.cfg.model.variant, sl_config=w.sl_config, vocab_size=w.vocab_size,
                         seed=ck.cfg.train.seed)
-    blob = torch.load(Path(ckpt) / "engine" / "ds" / f"mp_rank_{rank:02d}_model_states.pt", map_location="cpu",
-                      weights_only=False)
+    engine = Path(ckpt) / "engine"
+    f = (engine / f"per_layer_rank_{rank:05d}.pt" if ck.cfg.optim.per_layer
+         else engine / "ds" / f"mp_rank_{rank:02d}_model_states.pt")
+    blob = torch.load(f, map_location="cpu", weights_only=False)
     model.load_state_dict(blob["module"], strict=True)
     model.eval()
     gen = torch.Generator().manual_seed(7)
@@ -103,16 +111,17 @@ def _compare(rank, world, ckpt: str, hf_dir: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [1, 2])
-def test_export_hf_matches_transformers(exported, tp):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_export_hf_matches_transformers(exported, run):
     from _dist import run_distributed
 
-    ckpt, hf_dir = exported[tp]
+    tp = RUNS[run][0]
+    ckpt, hf_dir = exported[run]
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["vocab_size"] == 512 and cfg["num_key_value_heads"] == 2 and cfg["num_attention_heads"] == 4
     assert cfg["tie_word_embeddings"] is False and cfg["rms_norm_eps"] == 1e-6 and cfg["rope_theta"] == 10000.0
     res = run_distributed(_compare, tp, str(ckpt), str(hf_dir), timeout=300)[0]
-    print(f"TP={tp}: logits max|ours - transformers| = {res['diff']:.3g} (max |logit| {res['scale']:.3g}); "
+    print(f"{run}: logits max|ours - transformers| = {res['diff']:.3g} (max |logit| {res['scale']:.3g}); "
           f"Meta-permuted q/k: {res['permuted_diff']:.3g}")
     assert res["shape"][0] == res["shape"][1] == (2, 32, 512)
     assert res["diff"] <= TOL
@@ -130,7 +139,7 @@ def test_export_tokenizer_and_sl_form(exported, tiny_data, tmp_path):
     from megatron_sl.training.data import load_tokenizer
     from megatron_sl.training.export import read_sl
 
-    ckpt, hf_dir = exported[2]
+    ckpt, hf_dir = exported["tp2"]
     text = "def f(x):\n    return x  # 12 apples"
     assert AutoTokenizer.from_pretrained(hf_dir).encode(text) == load_tokenizer(tiny_data[1]).encode(text)
 
@@ -153,7 +162,7 @@ def test_generate_cli_matches_transformers_greedy(exported, tiny_data):
 
     from megatron_sl.training.data import load_tokenizer
 
-    ckpt, hf_dir = exported[2]
+    ckpt, hf_dir = exported["tp2"]
     prompt = "The module"
     r = _cli("generate", str(ckpt), "--prompt", prompt, "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
