@@ -4,7 +4,8 @@
    and its sentencepiece BPE through ``megatron_sl.training.data``;
 2. train the tiny SL preset (``configs/tiny_sl.yaml``) on 2 gloo ranks via torchrun
    (OMP_NUM_THREADS=1 per rank), with validation before, during and after training;
-3. print the validation perplexity before and after, the throughput, and where the checkpoint is;
+3. print the validation perplexity before and after, the throughput, where the checkpoint is, and one
+   greedy sample from the trained model (``megatron-sl generate``; ``--sample-tokens 0`` skips it);
 4. write the run report (``<run>/report/index.html`` with its PNG plots, as ``megatron-sl report``)
    and print its path.
 
@@ -40,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
                    help="corpus source(s) to try in order (default: the data package's list; 'pydoc' is a "
                         "small offline corpus for smoke tests)")
     p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary of the demo tokenizer")
+    p.add_argument("--sample-prompt", default="It is a truth universally acknowledged",
+                   help="prompt of the greedy sample printed after training")
+    p.add_argument("--sample-tokens", type=int, default=40, help="tokens of that sample (0: no sample)")
     return p
 
 
@@ -106,6 +110,12 @@ def main(argv=None) -> int:
     from megatron_sl.training.monitoring.report import write_report
 
     print(f"[demo] report (plots + HTML summary): {write_report([out])}", flush=True)
+    if args.sample_tokens > 0:
+        from megatron_sl.cli.generate import sample_text
+        from megatron_sl.training.export import read_checkpoint
+
+        text = sample_text(read_checkpoint(summary["checkpoint"]), args.sample_prompt, args.sample_tokens)
+        print(f"[demo] greedy sample: {text!r}", flush=True)
     return 0
 
 

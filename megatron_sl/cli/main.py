@@ -13,6 +13,9 @@ SUBCOMMANDS = {
     "presets": ("megatron_sl.cli.presets", "print each LLaMA preset's parameter counts"),
     "report": ("megatron_sl.cli.report", "PNG plots + HTML summary of run directories (runs overlaid)"),
     "plan": ("megatron_sl.cli.plan", "per-rank memory of a config, from the config alone (no ranks, no data)"),
+    "export-hf": ("megatron_sl.cli.export_hf", "a checkpoint as a Hugging Face LLaMA directory (or --sl: factored)"),
+    "generate": ("megatron_sl.cli.generate", "sample from a checkpoint (greedy or top-p)"),
+    "import-hf": ("megatron_sl.cli.import_hf", "initialise SL weights from a dense Hugging Face LLaMA (SVD + residual)"),
 }
 
 

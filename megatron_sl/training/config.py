@@ -62,6 +62,9 @@ class ModelSection:
     activation for backward), "selective" (core attention is recomputed, so its b·heads·s² softmax
     probabilities are not kept) or "full" (each transformer layer keeps only its input and runs
     again in backward).
+    ``init_from``: a factored SL weight directory (``megatron-sl import-hf`` output or
+    ``export-hf --sl``) whose weights replace the initialisation of a fresh run (a resume still
+    loads its checkpoint); its shape and SL settings must equal this config's.
     """
 
     preset: str = "tiny"
@@ -75,6 +78,7 @@ class ModelSection:
     vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
     recompute: str = "none"
+    init_from: Optional[str] = None
 
 
 @dataclasses.dataclass

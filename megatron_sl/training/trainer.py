@@ -129,7 +129,13 @@ class Trainer:
         self.train_ds, self.valid_ds = _datasets(cfg, plan)
 
         torch.manual_seed(cfg.train.seed)
-        model = _build_model(cfg, plan).to(self.tdev)
+        model = _build_model(cfg, plan)
+        if cfg.model.init_from is not None:
+            from ..model.hf import load_weights
+            from .export import read_sl
+
+            load_weights(model, read_sl(cfg.model.init_from))
+        model = model.to(self.tdev)
         assert_identical_across_dp(model, self.dp_group, self.tdev)
         self.num_params = count_params(model.parameters(), self.tp_group, self.tdev)
         if cfg.parallel.sequence_parallel:

@@ -288,6 +288,16 @@ def check_metrics(cfg: TrainConfig) -> None:
             _fail(f"config key metrics.{key}={v!r} must not be empty (null: the default)")
 
 
+def check_init_from(path: str, preset, sl_config: Optional[SLConfig], vocab: int) -> None:
+    """``model.init_from`` must be a factored SL directory of this model's shape and SL settings."""
+    from .export import ExportError, check_sl_dir
+
+    try:
+        check_sl_dir(path, preset, sl_config, vocab)
+    except ExportError as e:
+        _fail(f"config key model.init_from={path!r}: {e}")
+
+
 def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the Plan. Raises ConfigError.
 
@@ -365,6 +375,8 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
     vocab = -(-base_vocab // multiple) * multiple
     check_metrics(cfg)
     changes: tuple = ()
+    if cfg.model.init_from is not None and check_inputs:
+        check_init_from(cfg.model.init_from, preset, sl_config, vocab)
     if check_outputs:
         from .resume_check import check_resume
 

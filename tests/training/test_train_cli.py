@@ -83,6 +83,9 @@ def test_demo_end_to_end(tmp_path):
     report = re.search(r"\[demo\] report \(plots \+ HTML summary\): (\S+)", proc.stdout).group(1)
     assert report == str(out / "report" / "index.html")
     assert all((out / "report" / png).is_file() for png in ("loss.png", "throughput.png", "step_time.png"))
+    sample = re.search(r"\[demo\] greedy sample: [\"'](.*)[\"']$", proc.stdout, re.M)
+    assert sample and sample.group(1).startswith("It is a truth universally acknowledged"), proc.stdout[-2000:]
+    assert len(sample.group(1)) > len("It is a truth universally acknowledged")
 
 
 def test_demo_rejects_bad_variant_before_fetching(tmp_path, capsys):
