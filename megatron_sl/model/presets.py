@@ -1,7 +1,7 @@
 """LLaMA model presets: the paper's shapes and default SL settings, plus a tiny CPU demo model.
 
-Paper sizes (SLTrain / GaLore ``configs/llama_*.json`` and ``scripts/llm_pretrain/*.sh``, see
-shared/notes/sltrain-method.md §1): multi-head attention (query groups = heads), SwiGLU, RMSNorm
+Paper sizes (the SLTrain / GaLore repositories' ``configs/llama_*.json`` and
+``scripts/llm_pretrain/*.sh``, arXiv 2406.02214): multi-head attention (query groups = heads), SwiGLU, RMSNorm
 eps 1e-6, vocab 32000, sequence 256, untied embeddings; r / δ / α as the paper's scripts.
 
 ``tiny`` is the CPU demo: hidden 256, ffn 688 (≈ 8/3·256 rounded to 16), 4 heads in 2 query

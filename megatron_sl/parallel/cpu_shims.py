@@ -1,7 +1,6 @@
 """The only place megatron-core is adapted to run without CUDA (CPU demo, CI); no-op on GPUs.
 
-megatron-core 0.16.1 assumes CUDA in three places on the paths we use (facts in
-shared/notes/megatron-cpu.md):
+megatron-core 0.16.1 assumes CUDA in three places on the paths we use:
 
 * A. ``torch.cuda.current_device()`` picks the device of communication / activation buffers
   (global memory buffer, sequence-parallel gathers, RoPE ``inv_freq``): made to return the CPU.

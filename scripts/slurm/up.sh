@@ -12,8 +12,8 @@
 # again. Installs slurmctld/slurmd/slurm-client/munge with apt only when a binary is missing.
 # Writes /etc/slurm/{slurm,gres}.conf (refuses to replace a config it did not write, unless FORCE=1)
 # and one '/etc/hosts' line tagged '# slurm-ci-nodes' (node names must resolve for the rendezvous).
-# Measured facts behind the settings: /work/shared/notes/slurm-local.md (MinJobAge=4 makes
-# `sbatch --wait` poll every 2 s; cred_expire=10 lets a requeued job restart after ~16 s, not ~145 s).
+# Why the settings: MinJobAge=4 makes `sbatch --wait` poll every 2 s; cred_expire=10 lets a requeued
+# job restart after ~16 s, not ~145 s.
 set -euo pipefail
 NODES=${NODES:-2}
 FAKE_GPUS=${FAKE_GPUS:-0}

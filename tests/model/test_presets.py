@@ -1,4 +1,4 @@
-"""LLaMA presets and their parameter counts against shared/notes/sltrain-method.md §1, the
+"""LLaMA presets and their parameter counts against the SLTrain paper's model sizes, the
 ``megatron-sl presets`` command, and bad-input errors (no processes, no megatron import needed).
 
 The expected numbers are the notes' table, computed independently from the research code's
