@@ -209,60 +209,32 @@ def choose(path: str, tokens: int, layout: "SupportLayout", rank: int, device_ty
 
 # ----------------------------------------------------------------------------- Functions
 
-class _SLFunction(torch.autograd.Function):
-    """Saves x, B, A, values (never W, never a scaled copy of A); backward recomputes the rest."""
+def _sl_function(path: str, doc: str) -> type:
+    """The autograd Function of one path: saves x, B, A, values (never W, never a scaled copy of
+    A); backward recomputes the rest with ``backward_math``."""
 
-    PATH = ""
-
-    @staticmethod
     def forward(ctx, x, B, A, values, bias, layout, scale):
-        raise NotImplementedError
-
-    @classmethod
-    def _forward(cls, ctx, x, B, A, values, bias, layout, scale):
-        y = forward_math(cls.PATH, x, B, A, values, layout, scale, bias)
+        y = forward_math(path, x, B, A, values, layout, scale, bias)
         ctx.save_for_backward(x, B, A, values)
         ctx.layout, ctx.scale = layout, scale
         ctx.has_bias = bias is not None
         return y
 
-    @classmethod
-    def _backward(cls, ctx, dy):
+    def backward(ctx, dy):
         x, B, A, values = ctx.saved_tensors
-        need_b = ctx.needs_input_grad[4]
-        dx, dB, dA, dv = backward_math(cls.PATH, dy, x, B, A, values, ctx.layout, ctx.scale,
+        dx, dB, dA, dv = backward_math(path, dy, x, B, A, values, ctx.layout, ctx.scale,
                                        tuple(ctx.needs_input_grad[:4]))
-        db = dy.sum(0) if (need_b and ctx.has_bias) else None
+        db = dy.sum(0) if (ctx.needs_input_grad[4] and ctx.has_bias) else None
         return dx, dB, dA, dv, db, None, None
 
-
-class SLDenseFunction(_SLFunction):
-    """Dense materialisation of W in forward and again in backward (never saved)."""
-
-    PATH = "dense"
-
-    @staticmethod
-    def forward(ctx, x, B, A, values, bias, layout, scale):
-        return SLDenseFunction._forward(ctx, x, B, A, values, bias, layout, scale)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return SLDenseFunction._backward(ctx, dy)
+    name = f"SL{path.capitalize()}Function"
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "__qualname__": name,
+                                                   "forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
 
 
-class SLFactoredFunction(_SLFunction):
-    """y = s·(x Aᵀ) Bᵀ + x Sᵀ without ever forming an out x in tensor."""
-
-    PATH = "factored"
-
-    @staticmethod
-    def forward(ctx, x, B, A, values, bias, layout, scale):
-        return SLFactoredFunction._forward(ctx, x, B, A, values, bias, layout, scale)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return SLFactoredFunction._backward(ctx, dy)
-
+SLDenseFunction = _sl_function("dense", "Dense materialisation of W in forward and again in backward (never saved).")
+SLFactoredFunction = _sl_function("factored", "y = s·(x Aᵀ) Bᵀ + x Sᵀ without ever forming an out x in tensor.")
 
 FUNCTIONS = {"dense": SLDenseFunction, "factored": SLFactoredFunction}
 
