@@ -68,18 +68,31 @@ def rank_environment(base: Optional[dict] = None) -> dict:
     return env
 
 
-def descendants(pid: int) -> Set[int]:
-    """Every live descendant of ``pid`` (from /proc; includes processes in other sessions)."""
-    children: dict = {}
+def _stat_fields(pid) -> Optional[list]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def process_table() -> dict:
+    """``{pid: parent pid}`` of every process, from /proc (includes processes in other sessions)."""
+    table = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        children.setdefault(int(stat[stat.rfind(b")") + 2:].split()[1]), []).append(int(entry))
+        fields = _stat_fields(entry) if entry.isdigit() else None
+        if fields is not None and len(fields) > 1:
+            table[int(entry)] = int(fields[1])
+    return table
+
+
+def descendants(pid: int) -> Set[int]:
+    """Every live descendant of ``pid``."""
+    children: dict = {}
+    for kid, parent in process_table().items():
+        children.setdefault(parent, []).append(kid)
     out, todo = set(), [pid]
     while todo:
         for kid in children.get(todo.pop(), []):
@@ -90,12 +103,8 @@ def descendants(pid: int) -> Set[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z"  # a zombie has exited
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"  # a zombie has exited
 
 
 def _kill_all(pids) -> None:

@@ -183,20 +183,10 @@ class PreemptionHandler:
 # ------------------------------------------------------------------------------------------
 def child_pids(parent: Optional[int] = None) -> List[int]:
     """Direct children of ``parent`` (default: this process), from /proc."""
+    from .launch import process_table
+
     parent = os.getpid() if parent is None else parent
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) > 1 and int(fields[1]) == parent:
-            out.append(int(entry))
-    return out
+    return [pid for pid, ppid in process_table().items() if ppid == parent]
 
 
 class _Forwarder:
