@@ -20,6 +20,7 @@ builds the model at TP=1 in this process (a one-rank gloo group) and loads the w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -147,6 +148,20 @@ def _commit(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
+@contextlib.contextmanager
+def _staged(out: Path, overwrite: bool, tokenizer: Optional[Path], seq_length: int):
+    """A temp directory beside ``out`` to write into; on success the tokenizer is added and it
+    replaces ``out``; on failure nothing half-written is left."""
+    tmp = _fresh_dir(out, overwrite)
+    try:
+        yield tmp
+        if tokenizer is not None:
+            _copy_tokenizer(tokenizer, tmp, seq_length)
+        _commit(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_hf(weights: GlobalWeights, out, tokenizer: Optional[Path], *, overwrite: bool = False,
              dtype: torch.dtype = torch.float32) -> Path:
     """``out/``: ``model.safetensors`` (dense W per HF LLaMA name), ``config.json`` and the tokenizer.
@@ -154,19 +169,13 @@ def write_hf(weights: GlobalWeights, out, tokenizer: Optional[Path], *, overwrit
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = _fresh_dir(out, overwrite)
-    try:
+    with _staged(out, overwrite, tokenizer, weights.preset.seq_length) as tmp:
         bos, eos = _tokenizer_ids(tokenizer)
         save_file(weights.to_hf(dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = hf_config_dict(weights.preset, weights.vocab_size, bos, eos, str(dtype).replace("torch.", ""))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": bos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
-        if tokenizer is not None:
-            _copy_tokenizer(tokenizer, tmp, weights.preset.seq_length)
-        _commit(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -178,8 +187,7 @@ def write_sl(weights: GlobalWeights, out, tokenizer: Optional[Path], *, overwrit
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = _fresh_dir(out, overwrite)
-    try:
+    with _staged(out, overwrite, tokenizer, weights.preset.seq_length) as tmp:
         tensors, meta = weights.to_sl_tensors()
         save_file(tensors, str(tmp / SL_WEIGHTS), metadata={"format": "pt"})
         sl = weights.sl_config
@@ -193,11 +201,6 @@ def write_sl(weights: GlobalWeights, out, tokenizer: Optional[Path], *, overwrit
         bos, eos = _tokenizer_ids(tokenizer)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(weights.preset, weights.vocab_size, bos, eos),
                                                     indent=2) + "\n")
-        if tokenizer is not None:
-            _copy_tokenizer(tokenizer, tmp, weights.preset.seq_length)
-        _commit(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
