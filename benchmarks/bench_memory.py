@@ -200,15 +200,18 @@ def prepare_data(cache: Path):
 
 
 def format_table(table: dict) -> str:
+    """The comparison as a markdown table (``python -m benchmarks`` collects it into RESULTS.md)."""
     mib = 2**20
-    lines = [f"{'case':<34} {'rank':>4} {'predicted MiB':>14} {'measured MiB':>13} {'error':>8}  phase (pred/meas)"]
+    lines = ["## Memory planner vs measured peak of live tensor bytes (CPU, 2 gloo ranks)", "",
+             "| case | rank | predicted MiB | measured MiB | error | phase (predicted / measured) |",
+             "|---|---:|---:|---:|---:|---|"]
     for name, rows in table.items():
         for r in rows:
             if "error_msg" in r:
-                lines.append(f"{name:<34} {r['rank']:>4}  FAILED: {r['error_msg']}")
+                lines.append(f"| {name} | {r['rank']} | FAILED: {r['error_msg']} | | | |")
                 continue
-            lines.append(f"{name:<34} {r['rank']:>4} {r['predicted'] / mib:>14.1f} {r['measured'] / mib:>13.1f} "
-                         f"{100 * r['error']:>7.1f}%  {r['predicted_phase']}/{r['measured_phase']}")
+            lines.append(f"| {name} | {r['rank']} | {r['predicted'] / mib:.1f} | {r['measured'] / mib:.1f} | "
+                         f"{100 * r['error']:.1f}% | {r['predicted_phase']} / {r['measured_phase']} |")
     return "\n".join(lines)
 
 
