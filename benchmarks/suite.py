@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 CSV_PATH = RESULTS_DIR / "results.csv"
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
-CSV_FIELDS = ("run_id", "time", "commit", "device_kind", "device", "cpu", "cores", "torch", "bench", "table",
-              "row")
+CSV_FIELDS = ("run_id", "time", "commit", "device_kind", "device", "cpu", "cores", "load", "torch", "bench",
+              "table", "row")
 
 # name -> (script, arguments, --quick arguments, what it measures)
 BENCHES = {
@@ -68,7 +68,9 @@ def machine() -> dict:
     gpu = torch.cuda.is_available()
     return {"device_kind": "GPU" if gpu else "CPU",
             "device": torch.cuda.get_device_name() if gpu else f"CPU: {cpu}, {os.cpu_count()} cores",
-            "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+            "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            # the 1-minute load average when the benchmark started: CPU timings on a busy machine are noisy
+            "load": f"{os.getloadavg()[0]:.1f}"}
 
 
 def commit() -> str:
@@ -134,7 +136,7 @@ def append_rows(name: str, output: str, info: dict, run_id: str, rev: str) -> in
             for row in rows:
                 w.writerow({"run_id": run_id, "time": run_id, "commit": rev, "bench": name, "table": heading,
                             "row": json.dumps(row, ensure_ascii=False),
-                            **{k: info[k] for k in ("device_kind", "device", "cpu", "cores", "torch")}})
+                            **{k: info[k] for k in ("device_kind", "device", "cpu", "cores", "load", "torch")}})
                 n += 1
     return n
 
@@ -203,7 +205,8 @@ def render() -> Path:
                 continue
             last = max(r["run_id"] for r in got)
             got = [r for r in got if r["run_id"] == last]
-            md += [f"**{kind}** — {got[0]['device']}; torch {got[0]['torch']}; run {last}, commit {got[0]['commit']}", ""]
+            md += [f"**{kind}** — {got[0]['device']}; torch {got[0]['torch']}; run {last}, commit {got[0]['commit']}, "
+                   f"load average {got[0].get('load', '?')} at start", ""]
             tables = {}
             for r in got:
                 tables.setdefault(r["table"], []).append(r)
@@ -234,6 +237,7 @@ def main(argv=None) -> int:
         failed = []
         for name in names:
             try:
+                info["load"] = machine()["load"]
                 out = run_bench(name, args.quick, [])
             except RuntimeError as e:
                 print(f"[bench] {e}", file=sys.stderr, flush=True)
