@@ -124,11 +124,11 @@ def run_bench(name: str, quick: bool, extra: list) -> str:
     return proc.stdout
 
 
-def append_rows(name: str, output: str, info: dict, run_id: str, rev: str) -> int:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.exists()
+def append_rows(name: str, output: str, info: dict, run_id: str, rev: str, csv_path: Path = CSV_PATH) -> int:
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    new = not csv_path.exists()
     n = 0
-    with open(CSV_PATH, "a", newline="") as f:
+    with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new:
             w.writeheader()
@@ -141,10 +141,10 @@ def append_rows(name: str, output: str, info: dict, run_id: str, rev: str) -> in
     return n
 
 
-def read_rows() -> list:
-    if not CSV_PATH.exists():
+def read_rows(csv_path: Path = CSV_PATH) -> list:
+    if not csv_path.exists():
         return []
-    with open(CSV_PATH, newline="") as f:
+    with open(csv_path, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -187,9 +187,10 @@ def headline(rows: list) -> list:
     return out
 
 
-def render() -> Path:
-    """RESULTS.md from results.csv (and the plots in benchmarks/results)."""
-    rows = read_rows()
+def render(csv_path: Path = CSV_PATH, out: Path = RESULTS_MD) -> Path:
+    """RESULTS.md from results.csv (and the plots beside it)."""
+    rows = read_rows(csv_path)
+    plots_dir = csv_path.parent
     md = ["# Benchmark results", "",
           "Rendered by `python -m benchmarks` from `benchmarks/results/results.csv` (raw rows: run id, git commit, "
           "machine). For each benchmark the newest run per device kind is shown; every table names the device "
@@ -212,10 +213,10 @@ def render() -> Path:
                 tables.setdefault(r["table"], []).append(r)
             for heading, trows in tables.items():
                 md += [f"*{heading}* ({kind})", ""] + _table_md(trows) + [""]
-        for plot in sorted(RESULTS_DIR.glob(f"{name}*.png")) if RESULTS_DIR.exists() else []:
-            md += [f"![{plot.stem}](results/{plot.name})", ""]
-    RESULTS_MD.write_text("\n".join(md))
-    return RESULTS_MD
+        for plot in sorted(plots_dir.glob(f"{name}*.png")) if plots_dir.exists() else []:
+            md += [f"![{plot.stem}]({os.path.relpath(plot, out.parent)})", ""]
+    out.write_text("\n".join(md))
+    return out
 
 
 def main(argv=None) -> int:
