@@ -14,8 +14,10 @@ hold 63 % of the full-rank model's parameters. Every variant sees the same batch
 (same data seed), the same number of tokens and the same schedule (linear warmup 10 %, cosine to
 10 %, AdamW β = (0.9, 0.95), no weight decay, clipping 1.0). The paper gives a learning rate only
 for SLTrain (3e-3, every size), so the learning rate is a small sweep, the same grid for all three
-(``--lrs``); the table reports every run and, per variant, the best of the grid. No variant is tuned
-alone and there is one seed.
+(``--lrs``), pruned by successive halving with one rule for every variant (``--halve-at``: once all
+runs of a variant have evaluated at that step, only its lowest-perplexity learning rate continues).
+No variant is tuned alone and there is one seed. The comparison table is taken at equal tokens: the
+last evaluation every variant's surviving run has reached.
 
 Runs are resumable: each is an ordinary run directory under ``--out`` (checkpoints every
 ``--save-interval`` steps). ``--hours`` stops every run with SIGUSR1 at the deadline (each writes a
@@ -66,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-interval", type=int, default=20)
     p.add_argument("--eval-iters", type=int, default=12, help="validation micro-batches per evaluation")
     p.add_argument("--save-interval", type=int, default=20)
+    p.add_argument("--halve-at", type=int, default=60,
+                   help="successive halving over the lr grid at this step (0: off); the same rule for every variant")
     p.add_argument("--hours", type=float, default=0.0, help="stop (resumably) after this long; 0 = run to the end")
     p.add_argument("--nice", type=int, default=10, help="niceness of the runs (they share the machine)")
     p.add_argument("--report-only", action="store_true", help="only write the table and plot")
@@ -106,15 +110,38 @@ def finished(run_dir: Path, iters: int) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("steps", 0) >= iters
 
 
+def ppl_at(run_dir: Path, step: int):
+    return next((e["val_ppl"] for e in read_run(run_dir)["evals"] if e["step"] == step), None)
+
+
+def halved(runs: dict, halve_at: int) -> set:
+    """Runs stopped by successive halving: per variant, once every run of it (one per learning
+    rate) has its evaluation at step ``halve_at``, all but the one with the lowest perplexity there.
+    The rule is the same for every variant, so no variant is tuned alone."""
+    out = set()
+    if not halve_at:
+        return out
+    by_variant = {}
+    for name, cfg in runs.items():
+        by_variant.setdefault(cfg["model"]["variant"], []).append(name)
+    for names in by_variant.values():
+        ppl = {n: ppl_at(Path(runs[n]["run"]["output_dir"]), halve_at) for n in names}
+        if len(names) > 1 and all(v is not None for v in ppl.values()):
+            best = min(names, key=ppl.get)
+            out |= {n for n in names if n != best}
+    return out
+
+
 def train_all(args, runs) -> None:
-    """Start every unfinished run (resuming where it stopped), wait, SIGUSR1 them at the deadline."""
+    """Start every unfinished run (resuming where it stopped) that successive halving has not
+    stopped, wait, stop the losers of the halving as it is decided, SIGUSR1 all at the deadline."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     procs = {}
     out = Path(args.out)
     for name, cfg in runs.items():
         run_dir = Path(cfg["run"]["output_dir"])
-        if finished(run_dir, cfg["train"]["train_iters"]):
-            print(f"[fidelity] {name}: finished earlier", flush=True)
+        if finished(run_dir, cfg["train"]["train_iters"]) or name in halved(runs, args.halve_at):
+            print(f"[fidelity] {name}: finished or stopped by successive halving earlier", flush=True)
             continue
         cfg_path = out / "configs" / f"{name}.yaml"
         cfg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,14 +153,20 @@ def train_all(args, runs) -> None:
         print(f"[fidelity] {name}: started (log {out / f'{name}.log'})", flush=True)
     deadline = time.monotonic() + args.hours * 3600 if args.hours > 0 else None
     stopping = False
+    cut = set()
     while any(p.poll() is None for p, _ in procs.values()):
+        for name in halved(runs, args.halve_at) - cut:
+            cut.add(name)
+            if name in procs and procs[name][0].poll() is None:
+                print(f"[fidelity] {name}: stopped by successive halving at step {args.halve_at}", flush=True)
+                procs[name][0].send_signal(signal.SIGUSR1)  # checkpoint, exit 75
         if deadline is not None and not stopping and time.monotonic() > deadline:
             print("[fidelity] time is up: every run checkpoints and stops (rerun to continue)", flush=True)
             for p, _ in procs.values():
                 if p.poll() is None:
                     p.send_signal(signal.SIGUSR1)
             stopping = True
-        time.sleep(5)
+        time.sleep(15)
     for name, (p, log) in procs.items():
         log.close()
         state = {0: "finished", 75: "stopped, resumable"}.get(p.returncode, f"FAILED (exit {p.returncode})")
@@ -171,25 +204,34 @@ def report(args, runs) -> Path:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     rows = []
+    cut = halved(runs, args.halve_at)
     for name, cfg in runs.items():
         r = read_run(Path(cfg["run"]["output_dir"]))
         tps = r["info"].get("tokens_per_step", args.global_batch * SHAPE["seq_length"])
-        split = r["info"].get("params_split", {})
         last = r["evals"][-1] if r["evals"] else None
+        planned = cfg["train"]["train_iters"]
+        status = ("finished" if r["steps"] >= planned else
+                  f"stopped by successive halving at step {args.halve_at}" if name in cut else "in progress")
         rows.append({"run": name, "variant": cfg["model"]["variant"], "lr": cfg["optim"]["lr"],
                      "params": r["info"].get("params"),
                      "linear_params": r["info"]["params"] - _non_linear(r["info"]) if r["info"] else None,
-                     "steps": r["steps"], "planned_steps": cfg["train"]["train_iters"],
+                     "steps": r["steps"], "planned_steps": planned, "status": status, "tokens_per_step": tps,
                      "tokens": (last["step"] if last else 0) * tps, "val_ppl": last["val_ppl"] if last else None,
+                     "evals": {e["step"]: e["val_ppl"] for e in r["evals"]},
                      "curve": [(e["step"] * tps, e["val_ppl"]) for e in r["evals"]]})
+    # per variant: the run the halving kept (before it is decided: the lowest last perplexity)
     best = {}
     for row in rows:
-        if row["val_ppl"] is not None and (row["variant"] not in best or row["val_ppl"] < best[row["variant"]]["val_ppl"]):
+        if row["val_ppl"] is None or row["run"] in cut:
+            continue
+        cur = best.get(row["variant"])
+        if cur is None or row["val_ppl"] < cur["val_ppl"]:
             best[row["variant"]] = row
-    ref = best.get("dense")
+    # compare at equal tokens: the last evaluation step every variant's kept run has reached
+    common = min((max(b["evals"]) for b in best.values()), default=None)
     machine = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per run"
-    (results / "fidelity.json").write_text(json.dumps({"machine": machine, "shape": SHAPE, "sl": SL, "rows": rows},
-                                                      indent=1))
+    (results / "fidelity.json").write_text(json.dumps({"machine": machine, "shape": SHAPE, "sl": SL,
+                                                       "halve_at": args.halve_at, "rows": rows}, indent=1))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = {"dense": "tab:blue", "lowrank": "tab:red", "sl": "tab:green"}
     for row in rows:
@@ -200,29 +242,36 @@ def report(args, runs) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation perplexity")
-    ax.set_title(f"Fidelity: full-rank vs low-rank vs SL (hidden {SHAPE['hidden_size']}, {SHAPE['num_layers']} layers)\n"
-                 f"{machine}", fontsize=9)
+    ax.set_title(f"Fidelity: full-rank vs low-rank vs SL (hidden {SHAPE['hidden_size']}, {SHAPE['num_layers']} layers; "
+                 f"dotted: lr stopped by halving)\n{machine}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(results / "fidelity.png", dpi=120)
     plt.close(fig)
 
-    lines = [f"## Fidelity: validation perplexity at equal tokens ({machine})", "",
-             f"Shape: hidden {SHAPE['hidden_size']}, ffn {SHAPE['ffn_hidden_size']}, "
-             f"{SHAPE['num_layers']} layers, seq {SHAPE['seq_length']}, vocab 8000; r={SL['rank']}, "
-             f"δ={SL['density']} (SL), α={SL['alpha']:g}. {args.global_batch} sequences per step.", "",
-             "| variant | lr | parameters | linear-layer parameters | steps / planned | tokens | validation ppl | ppl / full-rank (best lr each) |",
+    lines = [f"## Fidelity runs ({machine})", "",
+             f"Shape: hidden {SHAPE['hidden_size']}, ffn {SHAPE['ffn_hidden_size']}, {SHAPE['num_layers']} layers, "
+             f"seq {SHAPE['seq_length']}, vocab 8000; r={SL['rank']}, δ={SL['density']} (SL), α={SL['alpha']:g}; "
+             f"{args.global_batch} sequences per step; lr grid {sorted({r['lr'] for r in rows})} for every variant, "
+             f"successive halving at step {args.halve_at}.", "",
+             "| variant | lr | parameters | linear-layer parameters | steps / planned | tokens | validation ppl | status |",
              "|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (VARIANTS.index(r["variant"]), r["lr"])):
-        ratio = ""
-        if best.get(row["variant"]) is row and ref is not None:
-            ratio = f"**{row['val_ppl'] / ref['val_ppl']:.3f}**"
         ppl = f"{row['val_ppl']:.2f}" if row["val_ppl"] is not None else "–"
         lines.append(f"| {row['variant']} | {row['lr']:g} | {_m(row['params'])} | {_m(row['linear_params'])} | "
-                     f"{row['steps']} / {row['planned_steps']} | {row['tokens'] / 1e6:.2f} M | {ppl} | {ratio} |")
-    lines += ["", "Paper, Table 2 (LLaMA 60M, C4, 1.1 B tokens): full-rank 34.06, SLTrain 34.15 (1.003×), "
-              "low-rank 78.18 (2.30×)."]
+                     f"{row['steps']} / {row['planned_steps']} | {row['tokens'] / 1e6:.2f} M | {ppl} | {row['status']} |")
+    ref = best.get("dense")
+    if common is not None and ref is not None:
+        lines += ["", f"## Fidelity at equal tokens ({machine})", "",
+                  "| variant | lr | tokens | validation ppl | ppl / full-rank | paper, LLaMA 60M on C4 (1.1 B tokens) |",
+                  "|---|---|---|---|---|---|"]
+        for v in VARIANTS:
+            if v in best:
+                b = best[v]
+                lines.append(f"| {v} | {b['lr']:g} | {common * b['tokens_per_step'] / 1e6:.2f} M | "
+                             f"{b['evals'][common]:.2f} | {b['evals'][common] / ref['evals'][common]:.3f} | "
+                             f"{PAPER_60M[v]} ({PAPER_60M[v] / PAPER_60M['dense']:.3f}) |")
     (results / "fidelity.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return results / "fidelity.md"
@@ -244,6 +293,10 @@ def main(argv=None) -> int:
     lrs = [float(x) for x in args.lrs.split(",") if x]
     variants = [v for v in args.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
+    if args.halve_at % args.eval_interval:
+        print(f"fidelity: error: --halve-at={args.halve_at} is not a multiple of --eval-interval={args.eval_interval}",
+              file=sys.stderr)
+        return 2
     if bad or not lrs:
         print(f"fidelity: error: variants {bad} not in {list(VARIANTS)}" if bad else "fidelity: error: empty --lrs",
               file=sys.stderr)

@@ -167,10 +167,11 @@ def headline(rows: list) -> list:
         return [json.loads(r["row"]) | {"_table": r["table"]} for r in got if r["run_id"] == last]
 
     for kind in ("CPU", "GPU"):
-        fid = [r for r in rows_of("fidelity", kind) if r.get("ppl / full-rank (best lr each)", "").strip("*")]
-        for r in fid:
-            out.append(f"- {kind} fidelity: {r['variant']} validation ppl {r['validation ppl']} = "
-                       f"{r['ppl / full-rank (best lr each)'].strip('*')}× full-rank after {r['tokens']} tokens")
+        for r in rows_of("fidelity", kind):
+            if r["_table"].startswith("Fidelity at equal tokens"):
+                out.append(f"- {kind} fidelity: {r['variant']} validation ppl {r['validation ppl']} = "
+                           f"{r['ppl / full-rank']}× full-rank at {r['tokens']} tokens (paper, 60M: "
+                           f"{r['paper, LLaMA 60M on C4 (1.1 B tokens)']})")
         train = [r for r in rows_of("train", kind) if r.get("variant") == "sl" and "vs dense" in r]
         for r in train:
             out.append(f"- {kind} training step, {r['preset']}: SL tokens/s = {r['vs dense']} dense "
