@@ -46,14 +46,14 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_sl.core.config import SLConfig
-from megatron_sl.core.functional import backward_math, choose, forward_math
+from megatron_sl.core.functional import backward_math, choose, forward_math, sl_linear
 
 from .grad_sync import mark_partial_tp_grad
 from .layout import glu_layout, local_rows, qkv_layout, single_layout
 from .naming import resolve_layer_name
 from .shard import SLShard
 
-from megatron_sl.kernels import sl_linear  # core's op with the kernel-dispatching primitives installed
+
 
 SINGLE_PART_NAMES = {"proj": "o", "fc1": "up", "fc2": "down"}
 
