@@ -125,6 +125,7 @@ def build_model(preset: Union[str, LlamaPreset], variant: str = "sl", sl_config:
     from megatron.core.models.gpt import GPTModel
 
     from megatron_sl.parallel.cpu_shims import apply_cpu_shims, seed_model_parallel
+    from megatron_sl.parallel.naming import name_sl_layers
     from megatron_sl.parallel.spec import get_gpt_decoder_block_sl_spec
 
     apply_cpu_shims()
@@ -135,6 +136,7 @@ def build_model(preset: Union[str, LlamaPreset], variant: str = "sl", sl_config:
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
                      position_embedding_type="rope", rotary_base=int(p.rope_base),
                      share_embeddings_and_output_weights=False, parallel_output=True)
+    name_sl_layers(model)  # SL supports and init are seeded by module path, so they come after the build
     model.sl_preset, model.sl_variant = p, variant
     model.sl_config = variant_sl_config(sl_config, variant)
     return model
