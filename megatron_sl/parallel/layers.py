@@ -55,8 +55,6 @@ from .layout import glu_layout, local_rows, qkv_layout, single_layout
 from .naming import NamedAfterBuild, check_layer_name, initial_name, unnamed_error
 from .shard import SLShard
 
-
-
 SINGLE_PART_NAMES = {"proj": "o", "fc1": "up", "fc2": "down"}
 
 
