@@ -134,14 +134,11 @@ def run_distributed(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT
 # ----------------------------------------------------------------------------- megatron helpers
 
 def init_megatron(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Inside a rank: CPU shims, megatron parallel_state (TP x PP, rest DP) and RNG seeding."""
-    from megatron.core import parallel_state as ps
+    """Inside a rank: megatron parallel_state (TP x PP, rest DP) and RNG seeding, through the
+    project's one set-up function (which applies the CPU shims)."""
+    from megatron_sl.parallel.state import initialize_model_parallel
 
-    from megatron_sl.parallel.cpu_shims import apply_cpu_shims, seed_model_parallel
-
-    apply_cpu_shims()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    seed_model_parallel(seed)
+    initialize_model_parallel(tp, pp, seed=seed)
 
 
 def gather_sharded(t: torch.Tensor, param=None, group=None) -> torch.Tensor:

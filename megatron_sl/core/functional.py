@@ -13,136 +13,32 @@ column-parallel, B of row-parallel layers) gets this rank's partial gradient; th
 layers tag it and the sum over TP happens once per optimizer step, coalesced
 (``megatron_sl.parallel.grad_sync``), like megatron-core's ``finalize_model_grads``.
 
-The ``densify``, ``values_grad`` and ``sddmm`` primitives are looked up in ``OPS`` so that
-``megatron_sl.kernels`` can install its Triton-backed custom ops without core importing it.
+The sparse primitives are the ``megatron_sl::*`` custom ops of ``core.ops`` (densify, sddmm,
+spmm_accumulate): each picks the Triton kernels or the torch reference per call, whatever was imported,
+and each has a fake implementation, so ``torch.compile(fullgraph=True)`` traces both paths. The
+support is handed over explicitly (the layer's ``SupportLayout``); nothing is cached between calls.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import cost_model
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-
-class SupportLayout:
-    """A layer's fixed support as it stays resident: the canonical index only.
-
-    ``idx`` is the sorted flat row-major index, int32 when the matrix has fewer than 2^31 entries:
-    4 bytes per nonzero, on the device of the layer's parameters (the owning module keeps it as a
-    buffer). The CSR forms of S and Sᵀ that the factored path needs (row pointers, column indices,
-    the transposition permutation) are derived inside each call and dropped with it, so nothing
-    else per nonzero outlives a forward or backward (``index_bytes``).
-    """
-
-    def __init__(self, idx: torch.Tensor, out_features: int, in_features: int):
-        self.idx = idx
-        self.shape = (out_features, in_features)
-
-    @property
-    def nnz(self) -> int:
-        return self.idx.numel()
-
-    def flat(self, device) -> torch.Tensor:
-        """The canonical index on ``device`` (itself when it already lives there; else a transient copy)."""
-        device = torch.device(device)
-        same = self.idx.device.type == device.type and (device.index is None or self.idx.device.index == device.index)
-        return self.idx if same else self.idx.to(device)
-
-    def _rows_cols(self, device):
-        idx = self.flat(device).to(torch.int64)
-        n = self.shape[1]
-        return idx // n, idx % n
-
-    def csr_pattern(self, device):
-        """(crow, col) of S in CSR form, derived now (transient)."""
-        rows, cols = self._rows_cols(device)
-        crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=rows.device)
-        crow[1:] = torch.bincount(rows, minlength=self.shape[0]).cumsum(0)
-        return crow, cols
-
-    def csr(self, values: torch.Tensor) -> torch.Tensor:
-        crow, col = self.csr_pattern(values.device)
-        return torch.sparse_csr_tensor(crow, col, values, size=self.shape, check_invariants=False)
-
-    def csr_t(self, values: torch.Tensor) -> torch.Tensor:
-        m, n = self.shape
-        rows, cols = self._rows_cols(values.device)
-        # the canonical order is row-major, so a stable sort by column alone gives Sᵀ's CSR order
-        # (int32 keys: ~4x faster than sorting a combined int64 key on CPU)
-        keys = cols.to(torch.int32) if n < 2**31 else cols
-        perm = torch.argsort(keys, stable=True)
-        tcrow = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
-        tcrow[1:] = torch.bincount(cols, minlength=n).cumsum(0)
-        return torch.sparse_csr_tensor(tcrow, rows[perm], values[perm], size=(n, m), check_invariants=False)
-
-    def index_bytes(self) -> dict:
-        """Resident index bytes: the canonical index; nothing derived is kept between calls."""
-        return {"canonical": self.idx.numel() * self.idx.element_size(), "derived": 0}
+from . import ops  # noqa: F401  (defines the megatron_sl::* custom ops used below)
+from .reference import (TOKEN_CHUNK, SupportLayout, densify_reference, sddmm_reference,  # noqa: F401 (re-exported)
+                        spmm_accumulate_reference, values_grad_reference)
 
 
-# ----------------------------------------------------------------------------- primitives
-
-def densify_reference(B, A, values, idx, scale: float) -> torch.Tensor:
-    """W = scale·B A + S as a new dense tensor (the scaled copy of the smaller factor is a
-    transient here, never saved)."""
-    if B.numel() <= A.numel():
-        W = torch.mm(B * scale, A)
-    else:
-        W = torch.mm(B, A * scale)
-    if idx.numel():
-        W.view(-1).index_add_(0, idx, values.to(W.dtype))
-    return W
-
-
-def values_grad_reference(grad_w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gradient of the sparse values: the dense weight gradient at the support."""
-    return grad_w.reshape(-1).index_select(0, idx)
-
-
-def sddmm_reference(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Tensor:
-    """g_k = Σ_t dY[t,row_k]·X[t,col_k] for every support entry k, in support order.
-    dy is dY (T x out), x is X (T x in); CPU sparse kernels lack bf16, which upcasts."""
-    crow, col = layout.csr_pattern(x.device)
-    dt = x.dtype if _sparse_dtype_ok(x) else torch.float32
-    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(layout.nnz, dtype=dt, device=x.device),
-                                      size=layout.shape, check_invariants=False)
-    out = torch.zeros(layout.nnz, dtype=dt, device=x.device)
-    for t0 in range(0, x.shape[0], TOKEN_CHUNK):
-        dy_t = dy[t0:t0 + TOKEN_CHUNK].t().contiguous().to(dt)
-        out += torch.sparse.sampled_addmm(pattern, dy_t, x[t0:t0 + TOKEN_CHUNK].to(dt), beta=0.0).values()
-    return out.to(x.dtype)
-
-
-OPS = {"densify": densify_reference, "values_grad": values_grad_reference, "sddmm": sddmm_reference}
-
-
-# Sparse products run over blocks of tokens: a [in, TOKEN_CHUNK] slab of xᵀ stays in cache
-# (measured 2x faster than one [in, T] product at T=4096) and no [out, T] transient is formed.
-TOKEN_CHUNK = 512
-
-
-def _sparse_dtype_ok(t: torch.Tensor) -> bool:
-    return t.is_cuda or t.dtype in (torch.float32, torch.float64)
+def _densify(B, A, values, idx, scale):
+    return torch.ops.megatron_sl.densify(B, A, values, idx, float(scale))
 
 
 def _spmm_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Tensor, dense: torch.Tensor,
                      transpose: bool) -> torch.Tensor:
-    """out += dense @ Sᵀ (transpose=False: dense is x [T, in], out is [T, out]) or
-    out += dense @ S (transpose=True: dense is dY [T, out], out is [T, in]), token block by block.
-    CPU sparse kernels lack bf16/fp16, so those upcast."""
-    dt = dense.dtype if _sparse_dtype_ok(dense) else torch.float32
-    vals = values.to(dt)
-    S = layout.csr_t(vals) if transpose else layout.csr(vals)
-    for t0 in range(0, dense.shape[0], TOKEN_CHUNK):
-        block = dense[t0:t0 + TOKEN_CHUNK].t().contiguous().to(dt)
-        # a contiguous transpose before the add is faster than adding the strided view (measured)
-        out[t0:t0 + TOKEN_CHUNK] += torch.sparse.mm(S, block).t().contiguous()
+    torch.ops.megatron_sl.spmm_accumulate(out, dense, layout.flat(dense.device), values, transpose)
     return out
 
 
@@ -154,7 +50,7 @@ def _spmm_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Ten
 def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None):
     """y = x (s·B A + S)ᵀ (+ bias) for x [T, in], on ``path`` ("dense" or "factored")."""
     if path == "dense":
-        W = OPS["densify"](B, A, values, layout.flat(x.device), scale)
+        W = _densify(B, A, values, layout.flat(x.device), scale)
         return F.linear(x, W, bias)
     y = torch.mm(x @ A.t(), B.t()).mul_(scale)
     if layout.nnz:
@@ -172,11 +68,11 @@ def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale
     dx = dB = dA = dv = None
     if path == "dense":
         if need_x:
-            dx = dy @ OPS["densify"](B, A, values, layout.flat(x.device), s)
+            dx = dy @ _densify(B, A, values, layout.flat(x.device), s)
         if need_B or need_A or need_v:
             G = dy.t() @ x
             if need_v:
-                dv = OPS["values_grad"](G, layout.flat(x.device)).to(values.dtype)
+                dv = values_grad_reference(G, layout.flat(x.device)).to(values.dtype)
             if need_B:
                 dB = torch.mm(G, A.t()).mul_(s)
             if need_A:
@@ -193,7 +89,8 @@ def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale
         if layout.nnz:
             _spmm_accumulate(dx, layout, values, dy, transpose=True)
     if need_v:
-        dv = OPS["sddmm"](dy, x, layout).to(values.dtype) if layout.nnz else torch.zeros_like(values)
+        dv = (torch.ops.megatron_sl.sddmm(dy, x, layout.flat(x.device)).to(values.dtype) if layout.nnz
+              else torch.zeros_like(values))
     return dx, dB, dA, dv
 
 

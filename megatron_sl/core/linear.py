@@ -47,8 +47,8 @@ class SLLinear(nn.Module):
         seed, name: the support and init come from a generator seeded by (seed, name).
         dtype, device: parameter dtype (floating) and device.
         path: "auto" (cost model), "dense" or "factored"; see ``core.cost_model``.
-        impl: optional replacement for ``core.functional.sl_linear`` (same signature), e.g. the
-            kernel-dispatching one from ``megatron_sl.kernels``.
+        impl: optional replacement for ``core.functional.sl_linear`` (same signature). The default
+            already runs the Triton kernels on CUDA tensors (``core.ops``), whatever was imported.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, density: float, alpha: float,

@@ -23,6 +23,7 @@ default) unless the caller set it.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -31,7 +32,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from .settings import DensifyBlocks, SddmmBlocks  # noqa: E402
-from .tile_layout import build_tile_layout  # noqa: E402
+from .tile_layout import TileLayout, build_tile_layout  # noqa: E402
 
 
 @triton.jit
@@ -144,9 +145,21 @@ def _check_dtype(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take {SUPPORTED_DTYPES}")
 
 
+def _tiles_for(idx, out_f, in_f, blocks, tiles: Optional[TileLayout]) -> TileLayout:
+    """The caller's tile layout (checked against the launch's blocks), else one built now for this
+    launch only (dropped with it)."""
+    if tiles is None:
+        return build_tile_layout(idx, out_f, in_f, blocks.block_m, blocks.block_n)
+    if (tiles.block_m, tiles.block_n) != (blocks.block_m, blocks.block_n) or tiles.nnz != idx.numel():
+        raise ValueError(f"tile layout for blocks {tiles.block_m}x{tiles.block_n} with {tiles.nnz} entries does not "
+                         f"match the launch (blocks {blocks.block_m}x{blocks.block_n}, {idx.numel()} entries)")
+    return tiles
+
+
 def densify(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, scale: float,
-            blocks: DensifyBlocks) -> torch.Tensor:
-    """W = scale·B A + S (out x in, dtype of B), S = values at the flat positions idx."""
+            blocks: DensifyBlocks, tiles: Optional[TileLayout] = None) -> torch.Tensor:
+    """W = scale·B A + S (out x in, dtype of B), S = values at the flat positions idx. ``tiles``:
+    the support's tile layout for these blocks, if the caller owns one (else built per launch)."""
     _check_dtype(B, "B")
     _check_dtype(A, "A")
     out_f, r = B.shape
@@ -156,7 +169,7 @@ def densify(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, idx: torch.T
         return W
     if A.dtype != B.dtype:
         A = A.to(B.dtype)
-    tiles = build_tile_layout(idx, out_f, in_f, blocks.block_m, blocks.block_n)  # transient
+    tiles = _tiles_for(idx, out_f, in_f, blocks, tiles)
     values = values.contiguous()
     grid = (tiles.n_tiles_m, tiles.n_tiles_n)
     densify_kernel[grid](
@@ -169,9 +182,10 @@ def densify(B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, idx: torch.T
     return W
 
 
-def sddmm(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, blocks: SddmmBlocks) -> torch.Tensor:
+def sddmm(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, blocks: SddmmBlocks,
+          tiles: Optional[TileLayout] = None) -> torch.Tensor:
     """g[k] = Σ_t dy[t, row_k]·x[t, col_k] in canonical support order, dtype of x.
-    dy is dY (T x out), x is X (T x in); any strides."""
+    dy is dY (T x out), x is X (T x in); any strides. ``tiles`` as for ``densify``."""
     _check_dtype(dy, "dy")
     _check_dtype(x, "x")
     T, out_f = dy.shape
@@ -182,7 +196,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, blocks: SddmmBlo
     if dy.dtype != x.dtype:
         common = torch.promote_types(dy.dtype, x.dtype)
         dy, x = dy.to(common), x.to(common)
-    tiles = build_tile_layout(idx, out_f, in_f, blocks.block_m, blocks.block_n)  # transient
+    tiles = _tiles_for(idx, out_f, in_f, blocks, tiles)
     grid = (tiles.n_tiles_m, tiles.n_tiles_n)
     sddmm_kernel[grid](
         dy, x, out, tiles.perm, tiles.loc, tiles.tile_ptr,

@@ -3,12 +3,14 @@
 The model: RMSNorm (eps from the preset), SwiGLU MLP, RoPE, GQA, no biases, untied embedding and
 output layer, no dropout; SL linears in the slots of ``sl_config.targets`` (see
 ``megatron_sl.parallel.spec``). Needs ``torch.distributed`` and megatron's ``parallel_state``
-initialised; the TP size comes from ``parallel_state``. Without CUDA the CPU shims are applied and
-parameters are initialised on the CPU (``use_cpu_initialization=True``), which also makes the dense
+initialised (``megatron_sl.parallel.initialize_model_parallel``, which applies the CPU shims where
+there is no CUDA); the TP size comes from ``parallel_state``. Without CUDA parameters are initialised on the CPU (``use_cpu_initialization=True``), which also makes the dense
 parameters identical for every TP size; on GPUs megatron's own GPU initialisation is used (its dense
 weights then depend on the TP size -- pass ``config_overrides={"use_cpu_initialization": True}`` for
 TP-invariant ones; SL parameters are TP-invariant either way). ``build_model`` seeds torch and megatron's RNG tracker
-with ``seed`` before building, so the same arguments give the same model.
+with ``seed`` before building, so the same arguments give the same model. The SL layers are named
+by module path once the GPTModel is built (``megatron_sl.parallel.name_sl_layers``), and only then
+sample their supports and initialise, so nothing about them depends on construction order.
 
 ``forward(tokens [b, s], position_ids [b, s], attention_mask, labels=labels)`` returns the per-token
 loss [b, s] (``attention_mask`` may be None, or a bool [1|b, 1, s, s] mask with True = masked).
@@ -114,27 +116,28 @@ def build_model(preset: Union[str, LlamaPreset], variant: str = "sl", sl_config:
     count_parameters(p, variant, sl_config, vocab)  # validates every SL matrix shape before building
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("build_model needs torch.distributed initialised (init_process_group) and "
-                           "megatron.core.parallel_state.initialize_model_parallel(...)")
+                           "megatron_sl.parallel.initialize_model_parallel(...)")
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        raise RuntimeError("build_model needs megatron.core.parallel_state.initialize_model_parallel(...) first")
+        raise RuntimeError("build_model needs megatron_sl.parallel.initialize_model_parallel(...) first")
     tp = ps.get_tensor_model_parallel_world_size()
     check_parallel_shape(p, tp, vocab, seq, sequence_parallel)
 
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_sl.parallel.cpu_shims import apply_cpu_shims, seed_model_parallel
+    from megatron_sl.parallel.cpu_shims import seed_model_parallel
+    from megatron_sl.parallel.naming import name_sl_layers
     from megatron_sl.parallel.spec import get_gpt_decoder_block_sl_spec
 
-    apply_cpu_shims()
-    seed_model_parallel(seed)
+    seed_model_parallel(seed)  # (applies the CPU shims too, should parallel state have been set up by hand)
     config = transformer_config(p, tp, sequence_parallel, params_dtype,
                                 **{**RECOMPUTE_FIELDS[recompute], **(config_overrides or {})})
     spec = get_gpt_decoder_block_sl_spec(config, sl_config, variant)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=vocab, max_sequence_length=seq,
                      position_embedding_type="rope", rotary_base=int(p.rope_base),
                      share_embeddings_and_output_weights=False, parallel_output=True)
+    name_sl_layers(model)  # SL supports and init are seeded by module path, so they come after the build
     model.sl_preset, model.sl_variant = p, variant
     model.sl_config = variant_sl_config(sl_config, variant)
     return model

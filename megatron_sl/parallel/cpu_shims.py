@@ -3,7 +3,8 @@
 megatron-core 0.16.1 assumes CUDA in three places on the paths we use:
 
 * A. ``torch.cuda.current_device()`` picks the device of communication / activation buffers
-  (global memory buffer, sequence-parallel gathers, RoPE ``inv_freq``): made to return the CPU.
+  (global memory buffer, sequence-parallel gathers, RoPE ``inv_freq``): made to return the CPU
+  (a constant under ``torch.compile``).
 * B. the RNG tracker stores CUDA generator states (``model_parallel_cuda_manual_seed`` and every
   attention forward's ``fork()``): replaced by a tracker of CPU generator states, one stream per
   name as on GPU (so tensor-parallel dropout still differs per TP rank).
@@ -15,6 +16,10 @@ megatron-core 0.16.1 assumes CUDA in three places on the paths we use:
   there is no such state, so they become a placeholder and a no-op. The CPU generator and the
   tracker's states (shim B) are saved and restored by megatron itself (``torch.get_rng_state``,
   tracker ``get_states``/``set_states``), so a recomputed forward replays the same random streams.
+
+Under ``torch.compile`` the tracker's ``fork`` cannot swap generator states inside the graph, so
+there it is a no-op (the region draws from torch's default generator); the models built by
+``megatron_sl.model`` have no dropout, so nothing in them draws.
 
 ``apply_cpu_shims()`` installs them once (idempotent) and does nothing when CUDA is available, so
 the same code runs the CPU demo and the GPU cluster. ``seed_model_parallel(seed)`` seeds torch and
@@ -54,6 +59,11 @@ def _cpu_tracker_class():
         def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
             if name not in self.states_:
                 raise Exception(f"rng state {name} is not added")
+            if torch.compiler.is_compiling():
+                # generator states cannot be swapped inside a compiled graph; the models built here
+                # have no dropout, so the region draws nothing (see the module doc)
+                yield
+                return
             orig = torch.get_rng_state()
             torch.set_rng_state(self.states_[name])
             try:
@@ -66,6 +76,22 @@ def _cpu_tracker_class():
 
 
 _NO_CUDA_RNG_STATE = torch.empty(0, dtype=torch.uint8)
+
+
+def _cpu_current_device():
+    return torch.device("cpu")
+
+
+def _fold_under_compile(fn) -> None:
+    """Let torch.compile treat ``fn`` (installed as ``torch.cuda.current_device``) as the constant
+    it is. dynamo classifies ``torch.cuda.*`` functions by what the name resolves to when it first
+    builds its rule map: before the shim, ``fn`` is plain Python and is inlined; after it, ``fn``
+    counts as a torch function, which may only be folded if it is in dynamo's constant-fold table."""
+    from torch._dynamo.variables import torch as dynamo_torch
+
+    table = getattr(dynamo_torch, "constant_fold_functions", None)
+    if isinstance(table, dict):
+        table.setdefault(fn, None)
 
 
 def _cpu_get_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
@@ -99,7 +125,8 @@ def apply_cpu_shims() -> bool:
         return False
     if _APPLIED:
         return True
-    torch.cuda.current_device = lambda: torch.device("cpu")  # A
+    _fold_under_compile(_cpu_current_device)
+    torch.cuda.current_device = _cpu_current_device  # A
     _install_cpu_tracker()  # B
     from megatron.core.fusions import fused_softmax  # C
     from megatron.core.transformer import utils as tutils

@@ -3,8 +3,10 @@
 ``SLColumnParallelLinear`` replaces ``ColumnParallelLinear`` (slots linear_qkv, linear_fc1) and
 ``SLRowParallelLinear`` replaces ``RowParallelLinear`` (linear_proj, linear_fc2). They take exactly
 the constructor keywords megatron passes in those slots, plus ``sl_config`` (an ``SLConfig``, given
-through ``ModuleSpec(params={"sl_config": ...})``) and an optional ``layer_name``, and return
-``(output, bias_or_None)`` like megatron's layers.
+through ``ModuleSpec(params={"sl_config": ...})``) and a name: ``layer_name=`` (a layer built on its
+own), or ``name_after_build=True`` (what the spec passes: the SL parameters are built when
+``naming.name_sl_layers`` names the layer by its module path), and return ``(output, bias_or_None)``
+like megatron's layers.
 
 Each fused slot holds the paper's separate matrices ("parts", see ``layout``): qkv = q, k, v in
 megatron's interleaved GQA layout; gated fc1 = gate, up in the stride-2 layout; proj = o;
@@ -46,14 +48,12 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_sl.core.config import SLConfig
-from megatron_sl.core.functional import backward_math, choose, forward_math
+from megatron_sl.core.functional import backward_math, choose, forward_math, sl_linear
 
 from .grad_sync import mark_partial_tp_grad
 from .layout import glu_layout, local_rows, qkv_layout, single_layout
-from .naming import resolve_layer_name
+from .naming import NamedAfterBuild, check_layer_name, initial_name, unnamed_error
 from .shard import SLShard
-
-from megatron_sl.kernels import sl_linear  # core's op with the kernel-dispatching primitives installed
 
 SINGLE_PART_NAMES = {"proj": "o", "fc1": "up", "fc2": "down"}
 
@@ -148,7 +148,7 @@ class _SequenceParallelColumnSL(torch.autograd.Function):
         return (dx, None, None, None, None, None, *grads)
 
 
-class SLColumnParallelLinear(nn.Module):
+class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
     """Column-parallel SL linear: Y_local = X · W[local rows]ᵀ (+ bias), W = s·B A + S per part.
 
     Output [s, b, out/tp] in megatron's local layout (or [s, b, out] with gather_output); under
@@ -158,7 +158,8 @@ class SLColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Optional[Callable] = None,
                  bias: bool = True, gather_output: bool = False, stride: int = 1, skip_bias_add: bool = False,
                  is_expert: bool = False, tp_comm_buffer_name: Optional[str] = None, tp_group=None,
-                 sl_config: Optional[SLConfig] = None, layer_name: Optional[str] = None):
+                 sl_config: Optional[SLConfig] = None, layer_name: Optional[str] = None,
+                 name_after_build: bool = False):
         super().__init__()
         _check_common(sl_config, is_expert, type(self).__name__)
         self.input_size, self.output_size, self.stride = input_size, output_size, stride
@@ -169,7 +170,7 @@ class SLColumnParallelLinear(nn.Module):
         self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
         if self.sequence_parallel and gather_output:
             raise ValueError("SLColumnParallelLinear: gather_output=True is incompatible with sequence_parallel")
-        self.layer_name = resolve_layer_name(tp_comm_buffer_name, layer_name)
+        given = initial_name(type(self).__name__, tp_comm_buffer_name, layer_name, name_after_build)
 
         self.fused = self._fused_layout(config, output_size, stride, tp_comm_buffer_name)
         local = local_rows(self.fused, self.tp_size, self.tp_rank, stride)
@@ -181,17 +182,29 @@ class SLColumnParallelLinear(nn.Module):
         sizes = [int(r.numel()) for r in local.rows]
         for (name, _), pos in zip(self.fused.parts, torch.split(cat_order, sizes)):
             self.register_buffer(f"positions_{name}", pos.to(device), persistent=False)
-        self.parts = nn.ModuleDict({
-            name: SLShard(f"{self.layer_name}.{name}", size, input_size, sl_config, rows=rows, dtype=dtype,
-                          device=device)
-            for (name, size), rows in zip(self.fused.parts, local.rows)})
-        for p in self.parts.values():
-            mark_partial_tp_grad(p.A, self.tp_group if self.tp_size > 1 else None)
+        self._part_rows = [(part, size, rows) for (part, size), rows in zip(self.fused.parts, local.rows)]
+        self._params_dtype = dtype
+        self.layer_name = None
+        self.parts = nn.ModuleDict()  # built by assign_name
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.global_rows.numel(), dtype=dtype, device=device))
             self.bias.tensor_model_parallel, self.bias.partition_dim, self.bias.partition_stride = True, 0, stride
         else:
             self.register_parameter("bias", None)
+        if given is not None:
+            self.assign_name(given)
+
+    def assign_name(self, name: str) -> None:
+        """Name the layer (its parts are ``<name>.<part>``) and build them: sample each part's
+        support for this rank's rows and initialise it."""
+        if self.layer_name is not None:
+            raise ValueError(f"{type(self).__name__} is already named {self.layer_name!r} (not renamed to {name!r})")
+        self.layer_name = check_layer_name(name)
+        device = getattr(self, f"positions_{self._part_rows[0][0]}").device
+        for part, size, rows in self._part_rows:
+            self.parts[part] = SLShard(f"{name}.{part}", size, self.input_size, self.sl_config, rows=rows,
+                                       dtype=self._params_dtype, device=device)
+            mark_partial_tp_grad(self.parts[part].A, self.tp_group if self.tp_size > 1 else None)
 
     @staticmethod
     def _fused_layout(config, output_size, stride, slot):
@@ -217,6 +230,8 @@ class SLColumnParallelLinear(nn.Module):
                 runtime_gather_output: Optional[bool] = None):
         if weight is not None:
             raise ValueError("SLColumnParallelLinear has no dense weight; forward(weight=...) is not supported")
+        if self.layer_name is None:
+            raise unnamed_error(self)
         group = self.tp_group if self.tp_size > 1 else None
         if self.sequence_parallel:
             parts = list(self.parts.values())
@@ -246,6 +261,8 @@ class SLColumnParallelLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The local shard of W ([out/tp, in]) in megatron's local row layout."""
+        if self.layer_name is None:
+            raise unnamed_error(self)
         W = torch.cat([p.to_dense(self.scale) for p in self.parts.values()], dim=0)
         return W if self.perm is None else W.index_select(0, self.perm)
 
@@ -265,7 +282,7 @@ class SLColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}, name={self.layer_name!r}")
 
 
-class SLRowParallelLinear(nn.Module):
+class SLRowParallelLinear(NamedAfterBuild, nn.Module):
     """Row-parallel SL linear: Y = Σ_ranks X_local · W[:, local cols]ᵀ (+ bias).
 
     Input [s, b, in/tp] (input_is_parallel); output [s, b, out] all-reduced, or [s/tp, b, out]
@@ -275,7 +292,7 @@ class SLRowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, config, init_method: Optional[Callable] = None,
                  bias: bool, input_is_parallel: bool, skip_bias_add: bool, stride: int = 1, is_expert: bool = False,
                  tp_comm_buffer_name: Optional[str] = None, tp_group=None, sl_config: Optional[SLConfig] = None,
-                 layer_name: Optional[str] = None):
+                 layer_name: Optional[str] = None, name_after_build: bool = False):
         super().__init__()
         _check_common(sl_config, is_expert, type(self).__name__)
         if stride != 1:
@@ -290,26 +307,42 @@ class SLRowParallelLinear(nn.Module):
             raise ValueError("SLRowParallelLinear: sequence_parallel needs input_is_parallel=True")
         if input_size % self.tp_size:
             raise ValueError(f"SLRowParallelLinear: input_size={input_size} is not divisible by TP size {self.tp_size}")
-        self.layer_name = resolve_layer_name(tp_comm_buffer_name, layer_name)
+        given = initial_name(type(self).__name__, tp_comm_buffer_name, layer_name, name_after_build)
         width = input_size // self.tp_size
         self.cols = (self.tp_rank * width, (self.tp_rank + 1) * width)
         dtype, device = config.params_dtype, _param_device(config)
-        part = SINGLE_PART_NAMES.get(tp_comm_buffer_name, "w")
-        self.parts = nn.ModuleDict({part: SLShard(f"{self.layer_name}.{part}", output_size, input_size, sl_config,
-                                                  cols=self.cols, dtype=dtype, device=device)})
-        mark_partial_tp_grad(self.parts[part].B, self.tp_group if self.tp_size > 1 else None)
+        self._part = SINGLE_PART_NAMES.get(tp_comm_buffer_name, "w")
+        self._params_dtype, self._params_device = dtype, device
+        self.layer_name = None
+        self.parts = nn.ModuleDict()  # built by assign_name
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=device))
             if self.sequence_parallel:
                 mark_partial_tp_grad(self.bias, self.tp_group)
         else:
             self.register_parameter("bias", None)
+        if given is not None:
+            self.assign_name(given)
+
+    def assign_name(self, name: str) -> None:
+        """Name the layer (its part is ``<name>.<part>``) and build it: sample the support in this
+        rank's columns and initialise it."""
+        if self.layer_name is not None:
+            raise ValueError(f"{type(self).__name__} is already named {self.layer_name!r} (not renamed to {name!r})")
+        self.layer_name = check_layer_name(name)
+        device = self.bias.device if self.bias is not None else self._params_device
+        shard = SLShard(f"{name}.{self._part}", self.output_size, self.input_size, self.sl_config, cols=self.cols,
+                        dtype=self._params_dtype, device=device)
+        self.parts[self._part] = shard
+        mark_partial_tp_grad(shard.B, self.tp_group if self.tp_size > 1 else None)
 
     @property
     def scale(self) -> float:
         return self.sl_config.scale
 
     def forward(self, input_: torch.Tensor):
+        if self.layer_name is None:
+            raise unnamed_error(self)
         group = self.tp_group if self.tp_size > 1 else None
         x = input_
         if group is not None and not self.input_is_parallel:
@@ -328,6 +361,8 @@ class SLRowParallelLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
         """The local shard of W ([out, in/tp]): columns cols[0]:cols[1]."""
+        if self.layer_name is None:
+            raise unnamed_error(self)
         (p,) = self.parts.values()
         return p.to_dense(self.scale)
 

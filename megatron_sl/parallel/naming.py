@@ -1,56 +1,83 @@
-"""Stable names for SL layers built by megatron-core, so supports and init are TP-independent.
+"""Stable names for SL layers, from their module path once the model is built.
 
-Each SL matrix is seeded by a name such as ``decoder.layers.3.self_attention.linear_qkv.k``. Megatron
-does not pass the layer number to a linear's constructor, so we read it from the TransformerLayer
-being built: ``TransformerLayer.__init__`` sets ``self.layer_number`` (1-based, global: it already
-includes the pipeline offset) before it builds attention and MLP, and the linear is constructed
-inside that call. We walk up the Python call stack to the nearest frame whose ``self`` is a
-megatron ``BaseTransformerLayer`` with a ``layer_number``. The result is identical on every rank and
-for every TP size, and equals the module's FQN inside ``GPTModel`` when pipeline parallelism is 1.
+Each SL matrix is seeded by a name such as ``decoder.layers.3.self_attention.linear_qkv.k``: its
+support and initial values come from (seed, name), so they must not depend on the TP size, the
+rank or the construction order. Megatron does not pass a linear's position to its constructor, so
+an SL layer built through the spec (``name_after_build=True``) is constructed without its SL
+parameters; ``name_sl_layers(model)`` then walks ``model.named_modules()``, names every such layer
+by its module path and builds it (samples its supports and initialises it). ``build_model`` calls
+it. The index of the enclosing megatron TransformerLayer in the path is replaced by that layer's
+global ``layer_number - 1`` (which includes the pipeline offset), so the names are the same on every
+pipeline stage; with pipeline parallelism 1 they equal the module paths inside ``GPTModel``.
+
+A layer built on its own takes ``layer_name=`` (named and built at once); without either it is
+refused at construction with a message saying so.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Optional
+from typing import Dict, Optional
 
-# megatron slot (tp_comm_buffer_name) -> (path inside a TransformerLayer, part names)
-SLOT_PATHS = {
-    "qkv": "self_attention.linear_qkv",
-    "proj": "self_attention.linear_proj",
-    "fc1": "mlp.linear_fc1",
-    "fc2": "mlp.linear_fc2",
-}
+from torch import nn
 
 
-def enclosing_layer_number() -> Optional[int]:
-    """layer_number of the megatron TransformerLayer under construction up the stack, or None."""
+class NamedAfterBuild:
+    """Mixin of SL layers: ``layer_name`` (None until named) and ``assign_name(name)``, which
+    names the layer and builds its SL parameters."""
+
+    layer_name: Optional[str] = None
+
+    def assign_name(self, name: str) -> None:  # pragma: no cover - implemented by the layers
+        raise NotImplementedError
+
+
+def check_layer_name(layer_name) -> str:
+    if not isinstance(layer_name, str) or not layer_name:
+        raise ValueError(f"layer_name={layer_name!r} must be a non-empty string")
+    return layer_name
+
+
+def initial_name(cls_name: str, slot: Optional[str], layer_name: Optional[str], name_after_build: bool) -> Optional[str]:
+    """The name to build a layer with now, or None to build it when ``name_sl_layers`` names it."""
+    if layer_name is not None:
+        return check_layer_name(layer_name)
+    if name_after_build:
+        return None
+    raise ValueError(
+        f"{cls_name} (slot {slot!r}) needs a stable name to seed its supports and init: pass layer_name=..., "
+        "or build it through megatron_sl.parallel.get_gpt_layer_sl_spec and call "
+        "megatron_sl.parallel.name_sl_layers(model) after the model is built (build_model does)")
+
+
+def unnamed_error(layer) -> RuntimeError:
+    return RuntimeError(
+        f"{type(layer).__name__} (slot {getattr(layer, 'slot', None)!r}) has not been named yet, so it has no SL "
+        "parameters: call megatron_sl.parallel.name_sl_layers(model) on the built model (build_model does)")
+
+
+def stable_path(path: str, modules: Dict[str, nn.Module]) -> str:
+    """``path`` with the index of its enclosing megatron TransformerLayer replaced by that layer's
+    global number (``layer_number - 1``)."""
     from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        if isinstance(obj, BaseTransformerLayer):
-            number = getattr(obj, "layer_number", None)
-            if isinstance(number, int):
-                return number
-        frame = frame.f_back
-    return None
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = modules.get(".".join(parts[:i]))
+        number = getattr(owner, "layer_number", None)
+        if isinstance(owner, BaseTransformerLayer) and isinstance(number, int):
+            parts[i - 1] = str(number - 1)
+            break
+    return ".".join(parts)
 
 
-def resolve_layer_name(slot: Optional[str], layer_name: Optional[str]) -> str:
-    """The explicit ``layer_name`` if given, else ``decoder.layers.{n-1}.<slot path>``."""
-    if layer_name is not None:
-        if not isinstance(layer_name, str) or not layer_name:
-            raise ValueError(f"layer_name={layer_name!r} must be a non-empty string")
-        return layer_name
-    if slot not in SLOT_PATHS:
-        raise ValueError(
-            f"cannot name an SL layer built for tp_comm_buffer_name={slot!r}: pass layer_name= explicitly "
-            f"(known slots: {sorted(SLOT_PATHS)})")
-    number = enclosing_layer_number()
-    if number is None:
-        raise ValueError(
-            f"SL layer for slot {slot!r} is not being built inside a megatron TransformerLayer, so its stable "
-            "name is unknown: pass layer_name= explicitly")
-    return f"decoder.layers.{number - 1}.{SLOT_PATHS[slot]}"
+def name_sl_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """Name and build every SL layer of ``model`` (the GPTModel itself, not a wrapper) that has no
+    name yet; returns every SL layer by name. Idempotent."""
+    modules = dict(model.named_modules())
+    named = {}
+    for path, module in modules.items():
+        if isinstance(module, NamedAfterBuild):
+            if module.layer_name is None:
+                module.assign_name(stable_path(path, modules))
+            named[module.layer_name] = module
+    return named

@@ -6,7 +6,9 @@ megatron's) and swaps:
 
 * the four linear slots named in ``sl_config.targets`` for ``SLColumnParallelLinear`` (linear_qkv,
   linear_fc1) / ``SLRowParallelLinear`` (linear_proj, linear_fc2), each a
-  ``ModuleSpec(params={"sl_config": ...})``; slots not targeted keep megatron's dense linears;
+  ``ModuleSpec(params={"sl_config": ..., "name_after_build": True})``; slots not targeted keep megatron's
+  dense linears. The SL layers get their parameters when ``name_sl_layers(model)`` names them by
+  module path after the model is built (``megatron_sl.model.build_model`` does);
 * both norms for ``SLRMSNorm`` (sequence-parallel capable).
 
 One entry point builds all three models compared in the paper: ``variant="sl"`` (W = s·BA + S),
@@ -50,7 +52,7 @@ def get_gpt_layer_sl_spec(sl_config: Optional[SLConfig] = None, variant: str = "
         for slot, (owner, attr, cls) in expected.items():
             if cfg.is_sl(slot):
                 sl_cls = SLColumnParallelLinear if cls is ColumnParallelLinear else SLRowParallelLinear
-                setattr(owner, attr, ModuleSpec(module=sl_cls, params={"sl_config": cfg}))
+                setattr(owner, attr, ModuleSpec(module=sl_cls, params={"sl_config": cfg, "name_after_build": True}))
     return spec
 
 

@@ -12,7 +12,8 @@ YAML layout (every section optional, defaults below)::
     model:    {preset, variant, num_layers, hidden_size, ...}
     sl:       {rank, density, alpha, seed, targets, path}
     data:     {prefix, tokenizer, split, cache_dir}
-    train:    {micro_batch_size, global_batch_size, gradient_accumulation_steps, train_iters, seed, precision}
+    train:    {micro_batch_size, global_batch_size, gradient_accumulation_steps, train_iters, seed, precision,
+               compile}
     optim:    {name, lr, min_lr_ratio, warmup_iters, weight_decay, beta1, beta2, eps, clip_grad, per_layer, min_8bit_size}
     parallel: {tensor_parallel, sequence_parallel}
     deepspeed: {zero_stage, config_template, extra}
@@ -109,7 +110,9 @@ class DataSection:
 @dataclasses.dataclass
 class TrainSection:
     """Batch sizes and length. global = micro × gradient_accumulation_steps × data-parallel size;
-    ``gradient_accumulation_steps`` ``None`` = derived from the other two (it must divide)."""
+    ``gradient_accumulation_steps`` ``None`` = derived from the other two (it must divide).
+    ``compile``: ``torch.compile`` the model as one graph (fullgraph), in place: "off", "inductor"
+    (generated code) or "aot_eager" (traced forward/backward graphs run op by op; quick to compile)."""
 
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -117,6 +120,7 @@ class TrainSection:
     train_iters: int = 100
     seed: int = 1234
     precision: str = "fp32"
+    compile: str = "off"
 
 
 @dataclasses.dataclass
@@ -295,6 +299,7 @@ CHOICES = {
     "model.recompute": RECOMPUTE,
     "sl.path": SL_PATHS,
     "train.precision": PRECISIONS,
+    "train.compile": ("off", "inductor", "aot_eager"),
     "optim.name": OPTIMIZERS,
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "launch.device": DEVICES,

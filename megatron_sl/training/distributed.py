@@ -104,16 +104,9 @@ def init_distributed(device: str, tp: int, seed: int, *, use_deepspeed: bool, ti
     if use_deepspeed:
         deepspeed = import_deepspeed(device)
         deepspeed.init_distributed(dist_backend=backend)
-    from megatron.core import parallel_state as ps
+    from ..parallel.state import initialize_model_parallel
 
-    from ..parallel.cpu_shims import apply_cpu_shims, seed_model_parallel
-
-    if device == "cpu":
-        apply_cpu_shims()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    seed_model_parallel(seed)
+    initialize_model_parallel(tp, seed=seed)  # with the CPU shims where there is no CUDA
     return env
 
 

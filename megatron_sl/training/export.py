@@ -250,18 +250,12 @@ def check_sl_dir(directory, preset, sl_config, vocab_size: int) -> None:
 def init_single_process(device: str = "cpu", seed: int = 0) -> None:
     """torch.distributed as a one-rank gloo group (unless initialised) + megatron parallel_state at TP=1."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
-    from ..parallel.cpu_shims import apply_cpu_shims, seed_model_parallel
+    from ..parallel.state import initialize_model_parallel
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if device == "cpu":
-        apply_cpu_shims()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    seed_model_parallel(seed)
+    initialize_model_parallel(1, seed=seed)
 
 
 def single_process_model(weights: GlobalWeights, variant: str, device: str = "cpu"):

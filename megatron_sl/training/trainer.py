@@ -136,6 +136,10 @@ class Trainer:
 
             load_weights(model, read_sl(cfg.model.init_from))
         model = model.to(self.tdev)
+        if cfg.train.compile != "off":
+            from ..model.compile import compile_model
+
+            compile_model(model, backend=cfg.train.compile)
         assert_identical_across_dp(model, self.dp_group, self.tdev)
         self.num_params = count_params(model.parameters(), self.tp_group, self.tdev)
         if cfg.parallel.sequence_parallel:

@@ -2,7 +2,7 @@
 
 Sections:
 1. dispatch: backend resolution (env var, set_backend, op argument), clear errors;
-2. install: core's OPS routed through the custom ops, idempotent, reversible;
+2. dispatch: core's custom ops pick Triton / the reference the same way whatever was imported;
 3. the custom ops on the torch reference: opcheck, float64 gradcheck of their autograd formulas,
    torch.compile (fullgraph), bad inputs rejected before any compute;
 4. tile layout: structure, once per layer, index bytes per nnz;
@@ -73,20 +73,26 @@ def test_block_settings_are_validated():
 
 # 2 ---------------------------------------------------------------------------------------------
 
-def test_install_is_idempotent_and_reversible():
-    assert K.installed()
-    assert core_fn.OPS["densify"] is ops.densify_primitive and core_fn.OPS["sddmm"] is ops.sddmm_primitive
-    K.install()
-    K.install()
-    assert K.installed()
-    K.uninstall()
-    try:
-        assert core_fn.OPS["densify"] is core_fn.densify_reference
-        assert core_fn.OPS["sddmm"] is core_fn.sddmm_reference
-    finally:
-        K.install()
-    assert K.installed()
+def test_dispatch_does_not_depend_on_imports():
+    """core's ops find the Triton implementation by module name when they run: importing only
+    megatron_sl.core (no kernels, nothing patched) gives the same dispatch as importing the kernels
+    first; CUDA tensors get Triton, CPU tensors the torch reference."""
+    code = (
+        "import sys, torch\n"
+        "from megatron_sl.core import SLLinear, ops\n"
+        "assert 'megatron_sl.kernels' not in sys.modules\n"
+        "first = {(n, d): ops.implementation(n, d) for n in ('densify', 'sddmm') for d in ('cuda', 'cpu')}\n"
+        "import megatron_sl.kernels as K\n"
+        "assert first == {(n, d): ops.implementation(n, d) for n in ('densify', 'sddmm') for d in ('cuda', 'cpu')}\n"
+        "assert first[('densify', 'cuda')] is K.triton_densify and first[('sddmm', 'cuda')] is K.triton_sddmm\n"
+        "assert first[('densify', 'cpu')] is None and first[('sddmm', 'cpu')] is None\n"
+        "assert 'megatron_sl.kernels.triton_kernels' not in sys.modules  # triton stays lazy\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k not in (settings.ENV_BACKEND, "TRITON_INTERPRET")}
+    proc, log = _run([sys.executable, "-c", code], env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", log
     assert K.sl_linear is core_fn.sl_linear
+    assert not hasattr(core_fn, "OPS")  # no table for an import to patch
 
 
 # 3 ---------------------------------------------------------------------------------------------

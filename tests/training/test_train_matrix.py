@@ -15,7 +15,8 @@ runs in each rank) and reports summaries. Tests:
    DeepSpeed ZeRO-0 on the same data: GA=1 and GA=2, with clipping active, with TP=2, and bitwise
    without clipping;
 5. the metrics JSONL: one train record per step, validation records, a summary;
-6. an SL support that differs across DP ranks is refused at start-up.
+6. an SL support that differs across DP ranks is refused at start-up;
+7. ``train.compile`` (torch.compile, fullgraph) follows the eager run's losses and parameters.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ CASES = {
     "pl_ga2_noclip": [*PL_BASE, "optim.clip_grad=0", *GA2, "optim.per_layer=true"],
     "std_tp2_ga2_clip": [*PL_BASE, *CLIP, *GA2, *TP2],
     "pl_tp2_ga2_clip": [*PL_BASE, *CLIP, *GA2, *TP2, "optim.per_layer=true"],
+    "z1_dp2_compile": ["deepspeed.zero_stage=1", "train.compile=aot_eager", "run.save_at_end=false"],
 }
 PAIRS = {"pl_ga1_clip": "std_ga1_clip", "pl_ga2_clip": "std_ga2_clip", "pl_ga2_noclip": "std_ga2_noclip",
          "pl_tp2_ga2_clip": "std_tp2_ga2_clip"}
+COMPILED = {"z1_dp2_compile": "z1_dp2"}  # train.compile (fullgraph) vs the same run eager
 TRAINING_CASES = ["z1_dp2", "z2_dp2", "z1_tp2", "z3_dp2", "z1_dp2_8bit", "z2_dp2_8bit", "z2_tp2_8bit"]
 
 
@@ -71,8 +74,8 @@ def matrix(tiny_data, tmp_path_factory):
     spec = []
     for name, extra in CASES.items():
         case = {"name": name, "overrides": tiny_overrides(tiny_data, out / name, *BASE, *extra)}
-        if name in PAIRS:
-            case["compare_with"] = PAIRS[name]
+        if name in PAIRS or name in COMPILED:
+            case["compare_with"] = PAIRS.get(name) or COMPILED[name]
         if name.endswith("_onegroup"):
             case["single_param_group"] = True
         if name.endswith("_bad_support"):
@@ -123,6 +126,15 @@ def test_zero_partitioning_does_not_change_the_math(matrix):
     sp, tp = ok(results, "z1_tp2_sp"), ok(results, "z1_tp2")
     assert sp["losses"] == pytest.approx(tp["losses"], rel=1e-5, abs=1e-5)
     assert sp["replicated_max_abs_diff"] == 0.0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(matrix):
+    _, results = matrix
+    ref, res = ok(results, "z1_dp2"), ok(results, "z1_dp2_compile")
+    assert res["losses"] == pytest.approx(ref["losses"], rel=1e-5, abs=1e-5)
+    assert res["final_val_loss"] == pytest.approx(ref["final_val_loss"], rel=1e-5)
+    assert res["param_max_rel_diff"] <= 1e-4
 
 
 @pytest.mark.slow
