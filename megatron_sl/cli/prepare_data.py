@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 
+from megatron_sl.constants import DEFAULT_DATA_DIR
 from megatron_sl.training.data.errors import DataError
 
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fingerprint", metavar="PREFIX",
                         help="write the meta file of existing indexed data PREFIX (prepared without this tool), "
                              "recording --tokenizer-model as its tokenizer")
-    parser.add_argument("--data-dir", default="data", help="with --demo: where raw/ and demo/ go (default: data)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help=f"with --demo: where raw/ and demo/ go (default: {DEFAULT_DATA_DIR})")
     return parser
 
 
