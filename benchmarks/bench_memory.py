@@ -193,7 +193,7 @@ def run_cases(names, data, steps: int = 2, workdir=None, timeout: int = 3000) ->
 
 
 def prepare_data(cache: Path):
-    from megatron_sl.training.data import prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
 
     prepared = prepare_demo_data(cache, vocab_size=512, sources=("pydoc",))
     return str(prepared.prefix), str(prepared.tokenizer_model)

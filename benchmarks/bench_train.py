@@ -311,7 +311,7 @@ def tp2(args) -> dict:
     """Part 3: prepare a small corpus, run the TP=2 worker under torchrun, return its results."""
     import tempfile
 
-    from megatron_sl.training.data import prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
 
     out = Path(tempfile.mkdtemp(prefix="bench_tp2_"))
     data = prepare_demo_data(out / "data", vocab_size=512, sources=("pydoc",))

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         print(f"megatron-sl demo: error: {e}", file=sys.stderr)
         return 2
 
-    from megatron_sl.training.data import DataError, prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
+    from megatron_sl.training.data import DataError
 
     print(f"[data] preparing the demo corpus under {args.data_dir}/ (fetched once, then cached)", flush=True)
     kwargs = {"sources": tuple(args.source)} if args.source else {}

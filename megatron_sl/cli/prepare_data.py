@@ -77,8 +77,9 @@ def main(argv=None) -> int:
                                               ("--max-docs", args.max_docs)) if value is not None]
             if extra:
                 raise DataError(f"--demo prepares the demo corpus; it takes no {', '.join(extra)}")
-            result = preprocess.prepare_demo_data(args.data_dir, vocab_size=args.vocab_size or 8000,
-                                                  workers=args.workers)
+            from megatron_sl.corpus import prepare_demo_data
+
+            result = prepare_demo_data(args.data_dir, vocab_size=args.vocab_size or 8000, workers=args.workers)
         else:
             missing = [flag for flag, value in (("--input", args.input), ("--output-prefix", args.output_prefix))
                        if not value]
