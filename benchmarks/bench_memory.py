@@ -87,7 +87,7 @@ def predict(overrides: list, world: int = WORLD) -> list:
     """Per-rank planner figures for a case: [{'rank', 'peak', 'phase', 'components'}]."""
     from megatron_sl.training.config import load_config
     from megatron_sl.training.memory_plan import plan_ranks
-    from megatron_sl.training.validate import make_plan
+    from megatron_sl.training.config_checks import make_plan
 
     cfg = load_config(BASE_CONFIG, overrides)
     plan = make_plan(cfg, world, check_outputs=False)
@@ -103,7 +103,7 @@ def measure_case(overrides: list) -> dict:
     from megatron_sl.training.batches import collate, masked_mean, per_token_loss, train_sample_start
     from megatron_sl.training.config import load_config
     from megatron_sl.training.trainer import Trainer
-    from megatron_sl.training.validate import make_plan
+    from megatron_sl.training.config_checks import make_plan
 
     cfg = load_config(BASE_CONFIG, overrides)
     plan = make_plan(cfg, dist.get_world_size() if dist.is_initialized() else WORLD, check_outputs=False)
@@ -193,7 +193,7 @@ def run_cases(names, data, steps: int = 2, workdir=None, timeout: int = 3000) ->
 
 
 def prepare_data(cache: Path):
-    from megatron_sl.training.data import prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
 
     prepared = prepare_demo_data(cache, vocab_size=512, sources=("pydoc",))
     return str(prepared.prefix), str(prepared.tokenizer_model)

@@ -39,8 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_sl.constants import VARIANTS
+
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("sl", "lowrank", "dense")
 
 
 def rank_env(port: int) -> dict:
@@ -103,7 +104,7 @@ def build(preset: str, variant: str, micro: int, seq: int | None, zero: int, dev
     from megatron_sl.training.ds_engine import DeepSpeedTrainEngine
     from megatron_sl.training.schedule import WarmupCosine
     from megatron_sl.training.trainer import _build_model
-    from megatron_sl.training.validate import make_plan
+    from megatron_sl.training.config_checks import make_plan
 
     overrides = [f"model.preset={preset}", f"model.variant={variant}", f"train.micro_batch_size={micro}",
                  f"train.global_batch_size={micro}", f"deepspeed.zero_stage={zero}", "train.train_iters=1000",
@@ -259,7 +260,7 @@ def tp2_worker(spec_path: str) -> int:
     from megatron_sl.training.config import load_config
     from megatron_sl.training.distributed import rank_env as env_of, silence_known_warnings
     from megatron_sl.training.trainer import Trainer
-    from megatron_sl.training.validate import make_plan
+    from megatron_sl.training.config_checks import make_plan
 
     silence_known_warnings()
     spec = json.loads(Path(spec_path).read_text())
@@ -310,7 +311,7 @@ def tp2(args) -> dict:
     """Part 3: prepare a small corpus, run the TP=2 worker under torchrun, return its results."""
     import tempfile
 
-    from megatron_sl.training.data import prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
 
     out = Path(tempfile.mkdtemp(prefix="bench_tp2_"))
     data = prepare_demo_data(out / "data", vocab_size=512, sources=("pydoc",))

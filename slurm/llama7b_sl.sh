@@ -6,8 +6,8 @@
 #   MSL_DATA_PREFIX=/data/c4/c4_text_document MSL_TOKENIZER=/data/llama/tokenizer.model \
 #     MSL_OUTPUT_DIR=/scratch/$USER/llama7b_sl sbatch --nodes=8 slurm/llama7b_sl.sh optim.lr=1e-3
 #
-# TP and ZeRO come from the config (parallel.tensor_parallel, deepspeed.zero_stage -> the template
-# ds_configs/zero{stage}_{precision}.json); MSL_TP / MSL_ZERO override them. Batch sizes live only in
+# TP and ZeRO come from the config (parallel.tensor_parallel, deepspeed.zero_stage -> the shipped
+# template megatron_sl/ds_configs/zero{0,12,3}.json); MSL_TP / MSL_ZERO override them. Batch sizes live only in
 # the config and are written into the DeepSpeed config at launch. Arguments after the script name
 # are further section.key=value overrides. All environment inputs: slurm/lib/launch.sh.
 #

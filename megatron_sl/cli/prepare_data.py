@@ -18,6 +18,7 @@ import argparse
 import logging
 import sys
 
+from megatron_sl.constants import DEFAULT_DATA_DIR
 from megatron_sl.training.data.errors import DataError
 
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fingerprint", metavar="PREFIX",
                         help="write the meta file of existing indexed data PREFIX (prepared without this tool), "
                              "recording --tokenizer-model as its tokenizer")
-    parser.add_argument("--data-dir", default="data", help="with --demo: where raw/ and demo/ go (default: data)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help=f"with --demo: where raw/ and demo/ go (default: {DEFAULT_DATA_DIR})")
     return parser
 
 
@@ -75,8 +77,9 @@ def main(argv=None) -> int:
                                               ("--max-docs", args.max_docs)) if value is not None]
             if extra:
                 raise DataError(f"--demo prepares the demo corpus; it takes no {', '.join(extra)}")
-            result = preprocess.prepare_demo_data(args.data_dir, vocab_size=args.vocab_size or 8000,
-                                                  workers=args.workers)
+            from megatron_sl.corpus import prepare_demo_data
+
+            result = prepare_demo_data(args.data_dir, vocab_size=args.vocab_size or 8000, workers=args.workers)
         else:
             missing = [flag for flag, value in (("--input", args.input), ("--output-prefix", args.output_prefix))
                        if not value]

@@ -3,7 +3,8 @@
 Outside a launcher: validate the config for ``launch.nproc_per_node`` ranks (exit 2 with one
 message naming the bad key/value, nothing written, no rank started), then start the ranks with
 torchrun. Inside a launcher (torchrun, ``deepspeed``, srun, mpirun): validate again for the
-launcher's world size, then train this rank. ``--check`` validates and prints the plan only;
+launcher's world size, then train this rank. ``--help-config`` lists every config key with its
+type, default and description. ``--check`` validates and prints the plan only;
 ``--dry-run`` prints per-rank parameter and memory figures from the memory planner without
 starting ranks or reading data (under a launcher rank 0 prints and every rank exits 0). Overrides and options may be mixed in any order.
 
@@ -38,18 +39,21 @@ import sys
 
 from pathlib import Path
 
-from megatron_sl.training.config import ConfigError, load_config
+from megatron_sl.training.config import ConfigError, describe_keys, load_config
+from megatron_sl.training.config_checks import make_plan
 from megatron_sl.training.distributed import in_launcher, rank_env
 from megatron_sl.training.guards import EXIT_ABORTED, EXIT_BAD_CONFIG
 from megatron_sl.training.runlock import RunLock
-from megatron_sl.training.validate import make_plan
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-sl train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="training config YAML (configs/*.yaml); defaults if omitted")
+    p.add_argument("--config", help="training config YAML (configs/*.yaml, shipped in the package: a path that "
+                                    "does not exist is looked up there by name); defaults if omitted")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, values parsed as YAML")
+    p.add_argument("--help-config", action="store_true",
+                   help="print every config key (section.key) with its type, default and description; exit")
     p.add_argument("--check", action="store_true", help="validate the config and print the plan; do not train")
     p.add_argument("--dry-run", action="store_true",
                    help="print per-rank parameter/memory figures from the memory planner; no ranks, no data")
@@ -83,6 +87,9 @@ def _allow_overrides(values) -> list:
 
 def _main(argv=None) -> int:
     args = parser().parse_intermixed_args(argv)
+    if args.help_config:
+        print(describe_keys(), end="")
+        return 0
     launched = in_launcher()
     if launched:
         from megatron_sl.training.launch import die_with_parent

@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import Tuple
 
-SLOTS = ("qkv", "proj", "fc1", "fc2")
-PATHS = ("auto", "dense", "factored")
+from megatron_sl.constants import SL_PATHS as PATHS
+from megatron_sl.constants import SL_SLOTS as SLOTS
 
 
 @dataclasses.dataclass(frozen=True)

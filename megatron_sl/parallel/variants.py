@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from megatron_sl.constants import VARIANTS
 from megatron_sl.core.config import SLConfig
-
-VARIANTS = ("sl", "lowrank", "dense")
 
 
 def variant_sl_config(sl_config: Optional[SLConfig], variant: str) -> Optional[SLConfig]:

@@ -3,7 +3,7 @@
 Modules (imported lazily by their users; this package imports nothing itself):
 
 * ``config`` -- the typed training config (YAML + ``section.key=value`` overrides), the one source of
-  truth for every setting; ``validate`` -- checks against world size / preset / files and the
+  truth for every setting; ``config_checks`` -- checks against world size / preset / files and the
   derived ``Plan``; ``ds_config`` -- the DeepSpeed JSON rendered from it;
 * ``distributed`` -- launcher environment, process groups, megatron parallel_state, CPU shims;
   ``mpu`` -- the DeepSpeed ``mpu`` adapter over megatron's groups; ``launch`` -- torchrun from the CLI,
@@ -11,7 +11,7 @@ Modules (imported lazily by their users; this package imports nothing itself):
 * ``optim`` -- param groups (TP-sharded / replicated / no-decay), AdamW / 8-bit AdamW, state bytes;
   ``schedule`` -- warmup + cosine; ``grads`` -- TP-aware global norm and clipping;
 * ``ds_engine`` -- DeepSpeed ZeRO 0-3 engine; ``per_layer`` -- optimizer-in-backward updates;
-* ``batches`` -- sample order, batching, masked loss; ``checks`` -- cross-rank consistency;
+* ``batches`` -- sample order, batching, masked loss; ``consistency`` -- cross-rank consistency;
   ``metrics`` -- metrics JSONL and progress bar; ``monitoring`` -- the per-step metrics registry,
   MFU, TensorBoard / W&B / Prometheus sinks and the run report; ``trainer`` -- the run of one rank;
 * ``checkpoint`` -- atomic checkpoints, verified resume, keep-last-K; ``preemption`` -- stop/save
@@ -20,5 +20,6 @@ Modules (imported lazily by their users; this package imports nothing itself):
   stop, step watchdog and the exit codes;
   ``memory_plan`` -- per-rank memory from the config alone (``megatron-sl plan``); ``dry_run`` --
   the planner's per-rank figures for ``train --dry-run``;
-* ``data`` -- corpus, tokenizer, ``prepare-data`` and megatron GPTDatasets.
+* ``data`` -- tokenizer, ``prepare-data`` and megatron GPTDatasets (the demo corpus is fetched by
+  ``megatron_sl.corpus``).
 """

@@ -1,393 +1,342 @@
-"""The training configuration: one typed tree of dataclasses, loaded from YAML plus ``key=value``
-overrides, and the single source of truth for every training setting.
+"""The training configuration: one typed tree of pydantic models, loaded from YAML plus
+``section.key=value`` overrides, and the single source of truth for every training setting.
 
 Everything a run needs is a field below; nothing is read from anywhere else (the DeepSpeed JSON is
-rendered from it, see ``ds_config``). Loading is strict: an unknown key, a value of the wrong type
-or a value outside its allowed set raises ``ConfigError`` naming the key and the value. Checks that
-need the world size, the model preset or the files on disk live in ``validate``.
+rendered from it, see ``ds_config``). Each field's ``description`` is its documentation
+(``megatron-sl train --help-config`` prints them all). Loading is strict: an unknown section or
+key, a value of the wrong type or one outside its allowed set raises ``ConfigError`` naming the key
+and the value. Checks that need the world size, the model preset or the files on disk live in
+``config_checks``.
 
-YAML layout (every section optional, defaults below)::
+Adding a setting is one edit: a ``Field`` with its default and description in its section.
 
-    base: other.yaml          # optional: start from another config (path relative to this file)
-    model:    {preset, variant, num_layers, hidden_size, ...}
-    sl:       {rank, density, alpha, seed, targets, path}
-    data:     {prefix, tokenizer, split, cache_dir}
-    train:    {micro_batch_size, global_batch_size, gradient_accumulation_steps, train_iters, seed, precision,
-               compile}
-    optim:    {name, lr, min_lr_ratio, warmup_iters, weight_decay, beta1, beta2, eps, clip_grad, per_layer, min_8bit_size}
-    parallel: {tensor_parallel, sequence_parallel}
-    deepspeed: {zero_stage, config_template, extra}
-    eval:     {interval, iters, at_start}
-    run:      {output_dir, overwrite, log_interval, progress_bar, save_at_end, save_interval, keep_last, resume,
-               allow_config_change}
-    launch:   {nproc_per_node, master_port, device}
-    metrics:  {jsonl, tensorboard, wandb, prometheus_port, prometheus_textfile, peak_tflops, ...}
-    guard:    {skip_nonfinite, spike_factor, spike_window, max_bad_steps, step_timeout_s}
-
-Overrides use dotted keys, values parsed as YAML: ``optim.lr=1e-3 model.num_layers=2
-deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0``.
+YAML layout: the sections below, each optional; ``base: other.yaml`` starts from another config
+(path relative to the including file). Overrides use dotted keys with values parsed as YAML:
+``optim.lr=1e-3 model.num_layers=2 deepspeed.extra.zero_optimization.stage3_param_persistence_threshold=0``.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from ..constants import SL_PATHS, SL_SLOTS, VARIANTS
+from ..resources import resolve_config
 
 
 class ConfigError(ValueError):
     """A bad training configuration; the message names the key and the value."""
 
 
-VARIANTS = ("sl", "lowrank", "dense")
-OPTIMIZERS = ("adamw", "adamw8bit")
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-SL_PATHS = ("auto", "dense", "factored")
-SL_SLOTS = ("qkv", "proj", "fc1", "fc2")
-RECOMPUTE = ("none", "selective", "full")
+# --- value types ---------------------------------------------------------------------------------
+# YAML gives ints, floats, bools, strings and None; the types below accept exactly what a config
+# author means: no bool where a number is meant, no float where an int is meant, a number where a
+# string is meant (``data.split=100``), a numeric string where a float is meant (YAML 1.1 reads
+# ``1e-3`` without a dot as a string), and an empty value for a string is "".
+def _not_bool(kind: str):
+    def check(value):
+        if isinstance(value, bool):
+            raise PydanticCustomError(kind, "bool given")
+        return value
+    return check
 
 
-@dataclasses.dataclass
-class ModelSection:
-    """Which model: a LLaMA preset (``megatron_sl.model.presets``) and optional shape overrides.
-
-    ``variant``: "sl" (W = s·BA + S), "lowrank" (W = s·BA, the δ=0 baseline) or "dense" (full rank).
-    A ``None`` shape field keeps the preset's value. ``vocab_size`` ``None`` = the tokenizer's
-    vocabulary, padded up to a multiple of ``make_vocab_size_divisible_by`` × TP (as megatron does).
-    ``recompute``: activation recompute through megatron-core's own mechanism: "none" (keep every
-    activation for backward), "selective" (core attention is recomputed, so its b·heads·s² softmax
-    probabilities are not kept) or "full" (each transformer layer keeps only its input and runs
-    again in backward).
-    ``init_from``: a factored SL weight directory (``megatron-sl import-hf`` output or
-    ``export-hf --sl``) whose weights replace the initialisation of a fresh run (a resume still
-    loads its checkpoint); its shape and SL settings must equal this config's.
-    """
-
-    preset: str = "tiny"
-    variant: str = "sl"
-    num_layers: Optional[int] = None
-    hidden_size: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    num_query_groups: Optional[int] = None
-    seq_length: Optional[int] = None
-    vocab_size: Optional[int] = None
-    make_vocab_size_divisible_by: int = 128
-    recompute: str = "none"
-    init_from: Optional[str] = None
+def _empty_is_blank(value):
+    return "" if value is None else value
 
 
-@dataclasses.dataclass
-class SLSection:
-    """SL settings; ``None`` keeps the preset's r / δ / α. Turned into ``megatron_sl.core.SLConfig``."""
-
-    rank: Optional[int] = None
-    density: Optional[float] = None
-    alpha: Optional[float] = None
-    seed: int = 0
-    targets: List[str] = dataclasses.field(default_factory=lambda: list(SL_SLOTS))
-    path: str = "auto"
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Number = Annotated[float, BeforeValidator(_not_bool("float_type"))]
+Text = Annotated[str, BeforeValidator(_empty_is_blank)]
 
 
-@dataclasses.dataclass
-class DataSection:
-    """Megatron indexed dataset ``prefix`` (``prefix.bin``/``prefix.idx``, or the prefix given to
-    ``prepare-data`` without ``_text_document``), the sentencepiece ``tokenizer`` model, the document
-    ``split`` (train,valid,test weights) and the index cache dir (``None``: ``<data dir>/index_cache``,
-    shared by runs over the same data)."""
-
-    prefix: str = ""
-    tokenizer: str = ""
-    split: str = "95,5,0"
-    cache_dir: Optional[str] = None
+def _choice(*values):
+    """A value from a fixed set (a bool is never one of them; an empty string choice is "")."""
+    if isinstance(values[0], int):
+        return Annotated[Literal[values], BeforeValidator(_not_bool("int_type"))]
+    return Annotated[Literal[values], BeforeValidator(_not_bool("string_type")), BeforeValidator(_empty_is_blank)]
 
 
-@dataclasses.dataclass
-class TrainSection:
-    """Batch sizes and length. global = micro × gradient_accumulation_steps × data-parallel size;
-    ``gradient_accumulation_steps`` ``None`` = derived from the other two (it must divide).
-    ``compile``: ``torch.compile`` the model as one graph (fullgraph), in place: "off", "inductor"
-    (generated code) or "aot_eager" (traced forward/backward graphs run op by op; quick to compile)."""
-
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    gradient_accumulation_steps: Optional[int] = None
-    train_iters: int = 100
-    seed: int = 1234
-    precision: str = "fp32"
-    compile: str = "off"
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
 
-@dataclasses.dataclass
-class OptimSection:
-    """AdamW ("adamw", torch) or 8-bit AdamW states ("adamw8bit", bitsandbytes), LR schedule
-    (linear warmup, then cosine to ``min_lr_ratio`` × lr at ``train_iters``; ``warmup_iters``
-    ``None`` = 10 % of train_iters) and clipping (``clip_grad`` 0 = off).
+# --- sections ------------------------------------------------------------------------------------
+class ModelSection(_Section):
+    """Which model: a LLaMA preset (``megatron_sl.model.presets``) and optional shape overrides."""
 
-    ``per_layer``: step each parameter's optimizer inside its post-accumulate-grad hook at the
-    gradient-accumulation boundary (no DeepSpeed; needs ``deepspeed.zero_stage=0``). With
-    ``train.precision=bf16`` the parameters are pure bf16 (no fp32 master copy), the paper's setting.
-    ``min_8bit_size``: bitsandbytes keeps fp32 state for tensors (under ZeRO: flat partitions)
-    smaller than this.
-    """
-
-    name: str = "adamw"
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_iters: Optional[int] = None
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    per_layer: bool = False
-    min_8bit_size: int = 4096
-
-
-@dataclasses.dataclass
-class ParallelSection:
-    """Tensor parallel size (data parallel = world size / TP) and megatron sequence parallelism."""
-
-    tensor_parallel: int = 1
-    sequence_parallel: bool = False
+    preset: Text = Field("tiny", description="LLaMA preset: tiny, 60m, 130m, 350m, 1b or 7b (`megatron-sl presets`)")
+    variant: _choice(*VARIANTS) = Field(
+        "sl", description="sl: W = s·BA + S; lowrank: W = s·BA (the δ=0 baseline); dense: full rank")
+    num_layers: Optional[Int] = Field(None, description="transformer layers (null: the preset's)")
+    hidden_size: Optional[Int] = Field(None, description="model width (null: the preset's)")
+    ffn_hidden_size: Optional[Int] = Field(None, description="SwiGLU inner width (null: the preset's)")
+    num_attention_heads: Optional[Int] = Field(None, description="attention heads (null: the preset's)")
+    num_query_groups: Optional[Int] = Field(None, description="key/value heads, GQA (null: the preset's)")
+    seq_length: Optional[Int] = Field(None, description="tokens per sequence (null: the preset's)")
+    vocab_size: Optional[Int] = Field(
+        None, description="vocabulary before padding (null: the tokenizer's); padded up to a multiple of "
+                          "make_vocab_size_divisible_by x TP, as megatron does")
+    make_vocab_size_divisible_by: Int = Field(128, description="vocabulary padding multiple (times TP)")
+    recompute: _choice("none", "selective", "full") = Field(
+        "none", description="activation recompute (megatron-core's): none keeps every activation; selective "
+                            "recomputes core attention (no b·heads·s² softmax kept); full keeps only each layer's "
+                            "input and runs the layer again in backward")
+    init_from: Optional[Text] = Field(
+        None, description="factored SL weight directory (`import-hf` output or `export-hf --sl`) that replaces "
+                          "a fresh run's initialisation (a resume still loads its checkpoint); its shape and SL "
+                          "settings must equal this config's")
 
 
-@dataclasses.dataclass
-class DeepSpeedSection:
-    """ZeRO stage 0-3; ``config_template`` ``None`` = ``ds_configs/zero{stage}_{precision}.json``.
-    ``extra`` is deep-merged into the template; batch sizes and clipping may not appear in either
-    (they are written from this config)."""
+class SLSection(_Section):
+    """SL settings, turned into ``megatron_sl.core.SLConfig``."""
 
-    zero_stage: int = 1
-    config_template: Optional[str] = None
-    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    rank: Optional[Int] = Field(None, description="r, the inner dimension of B (out x r) and A (r x in); null: the "
+                                                  "preset's")
+    density: Optional[Number] = Field(None, description="δ, the fraction of S's entries on its support; null: the "
+                                                        "preset's (0 under model.variant=lowrank)")
+    alpha: Optional[Number] = Field(None, description="α; the low-rank scale is s = α / r; null: the preset's")
+    seed: Int = Field(0, description="support and init seed; each layer's come from (seed, layer name)")
+    targets: List[Text] = Field(default_factory=lambda: list(SL_SLOTS),
+                                description=f"megatron linear slots made SL, a subset of {list(SL_SLOTS)}; the "
+                                            "others stay dense")
+    path: _choice(*SL_PATHS) = Field("auto", description="auto: the cost model picks dense materialisation or "
+                                                         "the factored path per call; dense / factored force one")
 
-
-@dataclasses.dataclass
-class EvalSection:
-    """Validation every ``interval`` steps (0 = only at the end) on ``iters`` micro-batches per
-    data-parallel rank (a fixed held-out set), plus once before training if ``at_start``."""
-
-    interval: int = 50
-    iters: int = 4
-    at_start: bool = True
-
-
-@dataclasses.dataclass
-class RunSection:
-    """Outputs: run directory (metrics.jsonl, resolved config, DeepSpeed config, checkpoints).
-
-    Checkpoints go to ``<output_dir>/checkpoints/step_XXXXXXXX`` (atomic, ``latest`` pointer,
-    newest ``keep_last`` kept; see ``training.checkpoint``): every ``save_interval`` steps (0: off),
-    at the end (``save_at_end``), on SIGUSR2, and on SIGUSR1/SIGTERM before exiting with code 75.
-    With ``resume`` (default) a run whose directory holds checkpoints continues from the newest
-    complete one; a run directory with outputs but no checkpoints is refused unless ``overwrite``.
-    Resuming with a config that changes what training means (model, SL, data, seed, optimizer,
-    layout; see ``training.resume_check``) is refused unless ``allow_config_change`` names the keys
-    (or sections); ``megatron-sl train --allow-config-change KEY[,KEY]`` sets it.
-    """
-
-    output_dir: str = "runs/default"
-    overwrite: bool = False
-    log_interval: int = 1
-    progress_bar: bool = True
-    save_at_end: bool = True
-    save_interval: int = 0
-    keep_last: int = 3
-    resume: bool = True
-    allow_config_change: List[str] = dataclasses.field(default_factory=list)
+    @field_validator("targets")
+    @classmethod
+    def _known_slots(cls, targets):
+        for t in targets:
+            if t not in SL_SLOTS:
+                raise ValueError(f"unknown slot {t!r}; expected a subset of {list(SL_SLOTS)}")
+        return targets
 
 
-@dataclasses.dataclass
-class LaunchSection:
-    """How ``megatron-sl train`` starts ranks when it is not already inside a launcher
-    (torchrun / deepspeed / Slurm): ``nproc_per_node`` local processes via torchrun. Under an
-    external launcher these are ignored and the launcher's world size is used."""
+class DataSection(_Section):
+    """The megatron indexed dataset and its sentencepiece tokenizer."""
 
-    nproc_per_node: int = 1
-    master_port: Optional[int] = None
-    device: str = "auto"
-
-
-@dataclasses.dataclass
-class MetricsSection:
-    """Run metrics (``training.monitoring``): one registry fed once per step; rank 0 gathers the
-    per-rank figures and writes every sink switched on here.
-
-    ``jsonl``: ``<run>/metrics.jsonl`` (train / eval / run / summary records).
-    ``tensorboard``: TensorBoard event files in ``<run>/tensorboard``.
-    ``wandb``: Weights & Biases: ``None`` (default) logs when the ``wandb`` package is importable (it
-    is never installed by this project), ``true`` requires it, ``false`` never; ``wandb_mode`` "offline" (default,
-    files under ``<run>/wandb``) or "online"; ``wandb_project`` the project name.
-    ``prometheus_port``: rank 0 serves ``http://<prometheus_addr>:<port>/metrics`` (0: off); it keeps
-    serving ``prometheus_linger_s`` seconds after the run ends so a last scrape sees
-    ``msl_run_finished 1`` (set it above the scrape interval; default 20 s for the usual 15 s).
-    ``prometheus_textfile``: also write the same metrics, atomically every step, to this ``.prom``
-    file for node_exporter's textfile collector (``None``: off); ``{run}`` and ``{job_id}`` are filled in.
-    ``run_name``: the ``run`` label (``None``: the run directory's name); ``job_id``: the ``job_id``
-    label (``None``: ``$SLURM_JOB_ID``, else "local").
-    ``peak_tflops``: peak TFLOP/s of ONE device that MFU is relative to (e.g. 989 for an H100 SXM in
-    bf16). ``None``: measured once at start by timing a matmul in the training precision on rank 0's
-    device -- an assumption (the achieved matmul rate of that device, not the vendor's peak).
-    """
-
-    jsonl: bool = True
-    tensorboard: bool = True
-    wandb: Optional[bool] = None
-    wandb_mode: str = "offline"
-    wandb_project: str = "megatron-sl"
-    prometheus_port: int = 0
-    prometheus_addr: str = "0.0.0.0"
-    prometheus_linger_s: float = 20.0
-    prometheus_textfile: Optional[str] = None
-    run_name: Optional[str] = None
-    job_id: Optional[str] = None
-    peak_tflops: Optional[float] = None
+    prefix: Text = Field("", description="indexed dataset prefix (PREFIX.bin / PREFIX.idx, or the prefix given to "
+                                         "prepare-data without _text_document)")
+    tokenizer: Text = Field("", description="sentencepiece tokenizer model")
+    split: Text = Field("95,5,0", description="document split weights train,valid,test")
+    cache_dir: Optional[Text] = Field(None, description="dataset index cache (null: <data dir>/index_cache, shared "
+                                                        "by runs over the same data)")
 
 
-@dataclasses.dataclass
-class GuardSection:
-    """Run-time guards (``training.guards``).
+class TrainSection(_Section):
+    """Batch sizes, length, seed and precision; global = micro x accumulation x data-parallel size."""
 
-    A step whose global loss is NaN/inf (``skip_nonfinite``) or above ``spike_factor`` x the mean
-    of the last ``spike_window`` good losses (``spike_factor`` 0 = no spike check) is skipped: the
-    optimizer does not step (parameters and optimizer state untouched), the LR schedule and the
-    data position advance, and the step is counted in ``metrics.jsonl`` (``skipped_steps``).
-    ``max_bad_steps`` consecutive bad steps stop the run with exit code 3 (``EXIT_DIVERGED``); the
-    last checkpoint saved before the bad steps is kept outside the ``run.keep_last`` window.
-    ``step_timeout_s`` > 0: a step (or a validation batch / checkpoint save) that takes longer
-    dumps every thread's stack (faulthandler) and exits with code 4 (``EXIT_STALLED``); 0 = off.
-    """
-
-    skip_nonfinite: bool = True
-    spike_factor: float = 0.0
-    spike_window: int = 20
-    max_bad_steps: int = 5
-    step_timeout_s: float = 1800.0
+    micro_batch_size: Int = Field(4, description="sequences per rank per forward/backward")
+    global_batch_size: Int = Field(8, description="sequences per optimizer step, over all data-parallel ranks")
+    gradient_accumulation_steps: Optional[Int] = Field(
+        None, description="micro-batches per step (null: global / (micro x DP), which must divide)")
+    train_iters: Int = Field(100, description="optimizer steps")
+    seed: Int = Field(1234, description="data order and non-SL initialisation seed")
+    precision: _choice("fp32", "bf16") = Field("fp32", description="training precision")
+    compile: _choice("off", "inductor", "aot_eager") = Field(
+        "off", description="torch.compile the model as one graph (fullgraph), in place: off, inductor (generated "
+                           "code) or aot_eager (traced forward/backward graphs run op by op; quick to compile)")
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    sl: SLSection = dataclasses.field(default_factory=SLSection)
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
-    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
-    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
-    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
-    run: RunSection = dataclasses.field(default_factory=RunSection)
-    launch: LaunchSection = dataclasses.field(default_factory=LaunchSection)
-    metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
-    guard: GuardSection = dataclasses.field(default_factory=GuardSection)
+class OptimSection(_Section):
+    """Optimizer, LR schedule (linear warmup, then cosine to min_lr_ratio x lr at train_iters), clipping."""
+
+    name: _choice("adamw", "adamw8bit") = Field(
+        "adamw", description="adamw (torch) or adamw8bit (bitsandbytes 8-bit states)")
+    lr: Number = Field(3e-3, description="peak learning rate")
+    min_lr_ratio: Number = Field(0.1, description="final lr as a fraction of lr, in (0, 1]")
+    warmup_iters: Optional[Int] = Field(None, description="linear warmup steps (null: 10 % of train_iters)")
+    weight_decay: Number = Field(0.0, description="AdamW weight decay")
+    beta1: Number = Field(0.9, description="AdamW β1, in [0, 1)")
+    beta2: Number = Field(0.999, description="AdamW β2, in [0, 1)")
+    eps: Number = Field(1e-8, description="AdamW ε")
+    clip_grad: Number = Field(1.0, description="global gradient-norm clip (0: off)")
+    per_layer: Bool = Field(
+        False, description="step each parameter's optimizer in its post-accumulate-grad hook at the accumulation "
+                           "boundary (no DeepSpeed; needs deepspeed.zero_stage=0); with train.precision=bf16 the "
+                           "parameters are pure bf16 without an fp32 master copy (the paper's setting)")
+    min_8bit_size: Int = Field(4096, description="bitsandbytes keeps fp32 state for tensors (under ZeRO: flat "
+                                                 "partitions) smaller than this")
+
+
+class ParallelSection(_Section):
+    """Model parallelism; data parallel = world size / TP."""
+
+    tensor_parallel: Int = Field(1, description="tensor-parallel size")
+    sequence_parallel: Bool = Field(False, description="megatron sequence parallelism (needs tensor_parallel > 1)")
+
+
+class DeepSpeedSection(_Section):
+    """DeepSpeed ZeRO; batch sizes and clipping are written into its JSON from train.* / optim.*."""
+
+    zero_stage: _choice(0, 1, 2, 3) = Field(1, description="ZeRO stage")
+    config_template: Optional[Text] = Field(
+        None, description="DeepSpeed JSON template (null: the shipped one for zero_stage); may not set batch "
+                          "sizes, clipping, optimizer or scheduler")
+    extra: Dict[str, Any] = Field(default_factory=dict,
+                                  description="deep-merged into the template; the same keys are forbidden")
+
+
+class EvalSection(_Section):
+    """Validation on a fixed held-out set."""
+
+    interval: Int = Field(50, description="validate every this many steps (0: only at the end)")
+    iters: Int = Field(4, description="micro-batches per data-parallel rank per validation")
+    at_start: Bool = Field(True, description="also validate once before training")
+
+
+class RunSection(_Section):
+    """Outputs, checkpoints (``<output_dir>/checkpoints/step_XXXXXXXX``, see ``training.checkpoint``) and resume."""
+
+    output_dir: Text = Field("runs/default", description="run directory: metrics.jsonl, resolved config, DeepSpeed "
+                                                         "config, checkpoints")
+    overwrite: Bool = Field(False, description="reuse a run directory that has outputs but no checkpoints")
+    log_interval: Int = Field(1, description="steps between log lines")
+    progress_bar: Bool = Field(True, description="show a progress bar on rank 0")
+    save_at_end: Bool = Field(True, description="checkpoint after the last step")
+    save_interval: Int = Field(0, description="checkpoint every this many steps (0: off); SIGUSR2 saves too, and "
+                                              "SIGUSR1/SIGTERM save before exiting with code 75")
+    keep_last: Int = Field(3, description="newest checkpoints kept")
+    resume: Bool = Field(True, description="continue from the newest complete checkpoint in output_dir")
+    allow_config_change: List[Text] = Field(
+        default_factory=list, description="keys (or sections) whose change against the resumed checkpoint's config "
+                                          "is accepted although it changes what training means (model, sl, data, "
+                                          "seed, optimizer, layout; see training.resume_check); "
+                                          "`train --allow-config-change KEY[,KEY]` sets it")
+
+
+class LaunchSection(_Section):
+    """How ``megatron-sl train`` starts ranks outside a launcher (under torchrun / deepspeed / Slurm
+    the launcher's world size is used and these are ignored)."""
+
+    nproc_per_node: Int = Field(1, description="local ranks started through torchrun")
+    master_port: Optional[Int] = Field(None, description="rendezvous port (null: a free one)")
+    device: _choice("auto", "cpu", "cuda") = Field("auto", description="auto: CUDA when available, else CPU")
+
+
+class MetricsSection(_Section):
+    """Run metrics (``training.monitoring``): rank 0 gathers the per-rank figures each step and writes
+    every sink switched on here."""
+
+    jsonl: Bool = Field(True, description="<run>/metrics.jsonl (train / eval / run / summary records)")
+    tensorboard: Bool = Field(True, description="TensorBoard event files in <run>/tensorboard")
+    wandb: Optional[Bool] = Field(None, description="Weights & Biases: null logs when the wandb package is "
+                                                    "importable (never installed by this project), true requires "
+                                                    "it, false never")
+    wandb_mode: _choice("offline", "online") = Field("offline", description="offline writes under <run>/wandb")
+    wandb_project: Text = Field("megatron-sl", description="W&B project name")
+    prometheus_port: Int = Field(0, description="rank 0 serves http://<prometheus_addr>:<port>/metrics (0: off)")
+    prometheus_addr: Text = Field("0.0.0.0", description="address the Prometheus endpoint binds")
+    prometheus_linger_s: Number = Field(20.0, description="seconds the endpoint keeps serving after the run so a "
+                                                          "last scrape sees msl_run_finished 1 (above the scrape "
+                                                          "interval)")
+    prometheus_textfile: Optional[Text] = Field(
+        None, description="also write the metrics atomically every step to this .prom file for node_exporter's "
+                          "textfile collector; {run} and {job_id} are filled in (null: off)")
+    run_name: Optional[Text] = Field(None, description="the run label (null: the run directory's name)")
+    job_id: Optional[Text] = Field(None, description="the job_id label (null: $SLURM_JOB_ID, else local)")
+    peak_tflops: Optional[Number] = Field(
+        None, description="peak TFLOP/s of one device that MFU is relative to (e.g. 989 for an H100 SXM in bf16); "
+                          "null: measured once at start by timing a matmul on rank 0's device (an achieved rate, "
+                          "not the vendor's peak)")
+
+
+class GuardSection(_Section):
+    """Run-time guards (``training.guards``): a bad step is skipped with the optimizer untouched while
+    the LR schedule and data advance, and is counted in metrics.jsonl (``skipped_steps``)."""
+
+    skip_nonfinite: Bool = Field(True, description="skip a step whose global loss is NaN/inf")
+    spike_factor: Number = Field(0.0, description="skip a step whose loss is above this x the mean of the last "
+                                                  "spike_window good losses (0: off, else > 1)")
+    spike_window: Int = Field(20, description="good losses the spike check averages")
+    max_bad_steps: Int = Field(5, description="consecutive bad steps that stop the run with exit code 3; the last "
+                                              "checkpoint before them is kept outside run.keep_last")
+    step_timeout_s: Number = Field(1800.0, description="a step, validation batch or checkpoint save longer than this "
+                                                       "dumps every thread's stack and exits with code 4 (0: off)")
+
+
+class TrainConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    sl: SLSection = Field(default_factory=SLSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    run: RunSection = Field(default_factory=RunSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    guard: GuardSection = Field(default_factory=GuardSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Allowed-value sets per key (checked at load; everything else about values is in ``validate``).
-CHOICES = {
-    "model.variant": VARIANTS,
-    "model.recompute": RECOMPUTE,
-    "sl.path": SL_PATHS,
-    "train.precision": PRECISIONS,
-    "train.compile": ("off", "inductor", "aot_eager"),
-    "optim.name": OPTIMIZERS,
-    "deepspeed.zero_stage": (0, 1, 2, 3),
-    "launch.device": DEVICES,
-    "metrics.wandb_mode": ("offline", "online"),
-}
+# --- errors --------------------------------------------------------------------------------------
+_EXPECTED = {"int": "an integer", "bool": "true/false", "float": "a number", "string": "a string",
+             "list": "a list", "dict": "a mapping"}
 
 
-_EXPECTED = {bool: "true/false", int: "an integer", float: "a number"}
+def _field_type(section: str, key: str) -> Any:
+    return TrainConfig.model_fields[section].annotation.model_fields[key].annotation
 
 
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` if it matches annotation ``tp`` (ints accepted for floats), else raise."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_type(key, value, args[0])
+def _choices(tp: Any) -> list:
+    """The allowed values of a ``_choice`` annotation (possibly inside Optional)."""
+    for arg in (tp, *typing.get_args(tp)):
+        if typing.get_origin(arg) is Literal:
+            return list(typing.get_args(arg))
+        if typing.get_origin(arg) is Annotated:
+            found = _choices(typing.get_args(arg)[0])
+            if found:
+                return found
+    return []
+
+
+def _error_message(err: ValidationError, source: str) -> str:
+    """One line naming the key and the value, from pydantic's first error."""
+    e = err.errors()[0]
+    loc, kind, value = e["loc"], e["type"], e.get("input")
+    section = str(loc[0])
+    if kind == "extra_forbidden":
+        if len(loc) == 1:
+            return f"{source}: unknown section {section!r}; known sections: {', '.join(TrainConfig.model_fields)}"
+        keys = TrainConfig.model_fields[section].annotation.model_fields
+        return f"{source}: unknown key '{section}.{loc[1]}'; keys of [{section}]: {', '.join(keys)}"
+    if len(loc) == 1:
+        return f"{source}: section {section!r} must be a mapping, got {value!r}"
+    key = f"{section}.{loc[1]}" + "".join(f"[{i}]" for i in loc[2:])
+    if kind == "value_error":
+        return f"config key {key}: {e['ctx']['error']}"
+    if kind == "literal_error":
+        return f"config key {key}={value!r} is not one of {_choices(_field_type(section, str(loc[1])))}"
+    expected = next((v for k, v in _EXPECTED.items() if kind.startswith(k)), "a valid value")
     if value is None:  # ``key=`` on the command line or ``key:`` in YAML
-        if tp is str:
-            return ""
-        raise ConfigError(f"config key {key} is empty: expected {_EXPECTED.get(tp, 'a value')}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}={value!r}: expected true/false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key}={value!r}: expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key}={value!r}: expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # data.split=100 read as a number
-            return str(value)
-        raise ConfigError(f"config key {key}={value!r}: expected a string")
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key}={value!r}: expected a list")
-        (item,) = typing.get_args(tp)
-        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key}={value!r}: expected a mapping")
-        return copy.deepcopy(value)
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # programming error
+        return f"config key {key} is empty: expected {expected}"
+    return f"config key {key}={value!r}: expected {expected}"
 
 
-def _section_types(cls) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
+# --- loading -------------------------------------------------------------------------------------
 def from_dict(data: dict, *, source: str = "config") -> TrainConfig:
     """Build a TrainConfig from a nested mapping; unknown sections/keys and bad types raise."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
-    cfg = TrainConfig()
-    sections = _section_types(TrainConfig)
-    for sec_name, sec_val in data.items():
-        if sec_name not in sections:
-            raise ConfigError(f"{source}: unknown section {sec_name!r}; known sections: {', '.join(sections)}")
-        if sec_val is None:
-            continue
-        if not isinstance(sec_val, dict):
-            raise ConfigError(f"{source}: section {sec_name!r} must be a mapping, got {sec_val!r}")
-        section = getattr(cfg, sec_name)
-        fields = _section_types(type(section))
-        for key, value in sec_val.items():
-            full = f"{sec_name}.{key}"
-            if key not in fields:
-                raise ConfigError(f"{source}: unknown key {full!r}; keys of [{sec_name}]: {', '.join(fields)}")
-            value = _check_type(full, value, fields[key])
-            if full in CHOICES and value not in CHOICES[full]:
-                raise ConfigError(f"config key {full}={value!r} is not one of {list(CHOICES[full])}")
-            setattr(section, key, value)
-    for t in cfg.sl.targets:
-        if t not in SL_SLOTS:
-            raise ConfigError(f"config key sl.targets: unknown slot {t!r}; expected a subset of {list(SL_SLOTS)}")
-    return cfg
+    data = {k: v for k, v in data.items() if v is not None}  # an empty ``section:`` keeps the defaults
+    try:
+        return TrainConfig.model_validate(copy.deepcopy(data))
+    except ValidationError as e:
+        raise ConfigError(_error_message(e, source)) from None
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -458,11 +407,46 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
 
 
 def load_config(path: Optional[str | Path], overrides: Optional[List[str]] = None) -> TrainConfig:
-    """YAML file (or defaults if ``path`` is None) + overrides -> TrainConfig (type-checked)."""
-    data = read_yaml(path) if path is not None else {}
+    """YAML file (or defaults if ``path`` is None) + overrides -> TrainConfig (type-checked).
+
+    A ``path`` that does not exist but names a shipped config (``configs/tiny_sl.yaml``) loads that."""
+    data = read_yaml(resolve_config(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return from_dict(data, source=str(path) if path is not None else "config")
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(cfg.to_yaml())
+
+
+# --- documentation -------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    choices = _choices(tp)
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if choices:
+        return " | ".join(map(str, choices))
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if typing.get_origin(tp) in (list, List):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) in (dict, Dict):
+        return "mapping"
+    return {int: "int", float: "number", bool: "bool", str: "string"}.get(tp, str(tp))
+
+
+def describe_keys() -> str:
+    """Every ``section.key`` with its type, default and description (``train --help-config``)."""
+    defaults = TrainConfig().to_dict()
+    lines = []
+    for section, sfield in TrainConfig.model_fields.items():
+        model = sfield.annotation
+        lines.append(f"{section}:  {' '.join((model.__doc__ or '').split())}")
+        for key, field in model.model_fields.items():
+            default = yaml.safe_dump(defaults[section][key], default_flow_style=True).strip()
+            default = default.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  {section}.{key}  ({_type_name(field.annotation)}; default {default})")
+            lines.append(f"      {field.description}")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

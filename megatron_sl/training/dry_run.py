@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from .config import TrainConfig
 from .memory_plan import RankPlan, describe_setting, format_rank_table, plan_ranks, setting_from_config
-from .validate import Plan
+from .config_checks import Plan
 
 
 def dry_run(cfg: TrainConfig, plan: Plan, rank: int = 0, note: Optional[str] = None) -> List[RankPlan]:

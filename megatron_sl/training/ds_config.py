@@ -1,7 +1,8 @@
-"""Render the DeepSpeed JSON for a run from a template in ``ds_configs/`` and the training config.
+"""Render the DeepSpeed JSON for a run from a template (shipped in ``megatron_sl/ds_configs``, one per
+distinct ZeRO layout, or ``deepspeed.config_template``) and the training config.
 
-The template holds only DeepSpeed-specific settings (ZeRO stage details, bf16, logging). Everything
-that also exists in the training config is written in here and nowhere else, so the two cannot
+The template holds only DeepSpeed-specific settings (ZeRO stage details, logging). The ZeRO stage,
+bf16 and everything that also exists in the training config is written in here and nowhere else, so the two cannot
 disagree: micro batch, gradient accumulation, ``train_batch_size`` = micro x GA x **data-parallel**
 size (not world size: TP ranks share a batch), and ``gradient_clipping`` (DeepSpeed's default is
 1.0, so it is always set explicitly; 0 disables). Client optimizers (torch AdamW, bitsandbytes
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 
 from .config import TrainConfig, _deep_merge
-from .validate import Plan
+from .config_checks import Plan
 
 
 def render_ds_config(cfg: TrainConfig, plan: Plan) -> dict:

@@ -35,7 +35,7 @@ from .grads import global_norm, squared_norm_parts
 from .mpu import MegatronMPU
 from .optim import is_partial_group, make_optimizer, param_groups, state_bytes
 from .schedule import WarmupCosine
-from .validate import Plan
+from .config_checks import Plan
 
 
 class DeepSpeedTrainEngine:

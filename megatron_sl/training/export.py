@@ -63,7 +63,7 @@ def _resolve(path: Path) -> Path:
 
 def read_checkpoint(path) -> LoadedCheckpoint:
     """The whole model of checkpoint ``path`` (see the module docstring); ``ExportError`` names what is wrong."""
-    from .validate import ConfigError, make_plan
+    from .config_checks import ConfigError, make_plan
     from ..parallel.variants import variant_sl_config
 
     path = _resolve(Path(path))

@@ -2,7 +2,7 @@
 (TP-sharded parameters summed over the TP group, replicated ones counted once), clipping with it,
 and the data-parallel average used by the per-layer optimizer.
 
-The norm definition is the one DeepSpeed uses with an mpu (checked against it in the notes):
+The norm definition is the one DeepSpeed uses with an mpu:
 sqrt(sum over TP ranks of |g_sharded|^2 + |g_replicated|^2), gradients already DP-averaged.
 """
 

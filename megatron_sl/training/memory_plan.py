@@ -51,9 +51,10 @@ from typing import Dict, List, Optional
 
 from ..core.cost_model import choose_path
 from ..core.support import nnz_for
+from ..parallel.variants import variant_sl_config
 from .config import TrainConfig
+from .config_checks import Plan
 from .grads import NORM_CHUNK
-from .validate import Plan
 
 GiB = 2**30
 GB = 1e9
@@ -93,6 +94,7 @@ def local_tensors(preset, variant: str, sl_config, vocab: int, tp: int, tp_rank:
     SL sparse values per shard are the expected share of the matrix's nnz (the support is random)."""
     from ..model.param_count import slot_matrices
 
+    sl_config = None if sl_config is None else variant_sl_config(sl_config, variant)
     d, L = preset.hidden_size, preset.num_layers
     out: List[Tensor] = [Tensor("embedding", vocab // tp * d, -1, "embedding", True)]
     column = {"qkv": True, "fc1": True, "proj": False, "fc2": False}
@@ -100,7 +102,7 @@ def local_tensors(preset, variant: str, sl_config, vocab: int, tp: int, tp_rank:
         out.append(Tensor(f"layers.{layer}.input_layernorm", d, layer, "norm", False))
         out.append(Tensor(f"layers.{layer}.pre_mlp_layernorm", d, layer, "norm", False))
         for slot, mats in slot_matrices(preset).items():
-            sl = sl_config is not None and variant != "dense" and sl_config.is_sl(slot)
+            sl = sl_config is not None and sl_config.is_sl(slot)
             for part, m, n in mats:
                 name = f"layers.{layer}.{slot}.{part}"
                 if not sl:
@@ -108,8 +110,7 @@ def local_tensors(preset, variant: str, sl_config, vocab: int, tp: int, tp_rank:
                                       else (m, n // tp)))
                     continue
                 r = sl_config.rank
-                density = 0.0 if variant == "lowrank" else sl_config.density
-                nnz = _share(nnz_for(m, n, density), tp, tp_rank)
+                nnz = _share(nnz_for(m, n, sl_config.density), tp, tp_rank)
                 if column[slot]:
                     ml, nl = m // tp, n
                     out += [Tensor(name + ".B", ml * r, layer, "B", True),
@@ -448,7 +449,7 @@ def resolve_plan(cfg: TrainConfig, world_size: int):
     Returns (Plan, note): the tokenizer's vocabulary when the data files are readable, else
     ``model.vocab_size`` or the preset's (note says so). Any other config error is raised."""
     from .config import ConfigError
-    from .validate import make_plan
+    from .config_checks import make_plan
 
     try:
         return make_plan(cfg, world_size, check_outputs=False), None
@@ -461,9 +462,8 @@ def resolve_plan(cfg: TrainConfig, world_size: int):
 def describe_setting(s: Setting, world: int) -> str:
     engine = ("per-layer updates" + (" (clipping: all gradients at the boundary)" if s.clip_grad > 0 else "")
               if s.per_layer else f"DeepSpeed ZeRO-{s.zero_stage}")
-    sl = ""
-    if s.sl_config is not None and s.variant != "dense":
-        sl = f", r={s.sl_config.rank} δ={0.0 if s.variant == 'lowrank' else s.sl_config.density}"
+    slc = None if s.sl_config is None else variant_sl_config(s.sl_config, s.variant)
+    sl = "" if slc is None else f", r={slc.rank} δ={slc.density}"
     return (f"{s.variant} preset {s.preset.name!r}{sl}: world {world} = TP {s.tp} x DP {s.dp}"
             f"{' + SP' if s.sequence_parallel else ''}; micro {s.micro} x seq {s.seq} (GA {s.grad_accum}); "
             f"{s.precision}, {s.optimizer}, {engine}; recompute {s.recompute}; device {s.device}")

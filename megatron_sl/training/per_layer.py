@@ -23,7 +23,8 @@ What the SLTrain/GaLore research code gets wrong and what this does instead:
 
 Each parameter has its own optimizer (torch AdamW or bitsandbytes AdamW8bit over ``[p]``), so the
 TP-sharded / replicated separation needed for 8-bit states holds trivially. DeepSpeed is not used:
-ZeRO-1/2/3 undo or crash on in-backward updates (see the notes), and at ZeRO-0 it adds nothing but
+ZeRO-1/2/3 partition or reduce gradients inside DeepSpeed and would undo or crash on in-backward
+updates, and at ZeRO-0 it adds nothing but
 a wrapper. Checkpoints mirror DeepSpeed's layout (``<dir>/<tag>/mp_rank_XX_model_states.pt``
 holding ``module``, the per-parameter optimizer states and the client state; ``<dir>/latest``).
 """
@@ -43,7 +44,7 @@ from .config import TrainConfig
 from .grads import clip_coefficient, dp_average_, global_norm, squared_norm_parts
 from .optim import is_no_decay, make_optimizer, state_bytes
 from .schedule import WarmupCosine
-from .validate import Plan
+from .config_checks import Plan
 
 
 class PerLayerEngine:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from .batches import collate, eval_sample_start, masked_mean, per_token_loss, train_sample_start
 from .checkpoint import CheckpointManager
-from .checks import assert_identical_across_dp, count_params, replicated_mismatches
+from .consistency import assert_identical_across_dp, count_params, replicated_mismatches
 from .config import TrainConfig, dump_config
 from .guards import Diverged, StepGuard, Watchdog
 from .preemption import PreemptionHandler
@@ -50,7 +50,7 @@ from .monitoring import MetricsRegistry
 from .resume_check import run_config_record
 from .runlock import RunLock, RunLockError, held_by_launcher
 from .schedule import WarmupCosine
-from .validate import Plan
+from .config_checks import Plan
 
 RUN_ARTIFACTS = ("metrics.jsonl", "summary.json", "config.yaml", "ds_config.json", "checkpoints", "tensorboard",
                  "wandb", "report")

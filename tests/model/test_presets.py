@@ -1,8 +1,8 @@
 """LLaMA presets and their parameter counts against the SLTrain paper's model sizes, the
 ``megatron-sl presets`` command, and bad-input errors (no processes, no megatron import needed).
 
-The expected numbers are the notes' table, computed independently from the research code's
-configs, at the precision printed there (M = 1e6 parameters; index GB at int64 = 8 bytes/nnz).
+The expected numbers were computed independently from the research code's configs
+(andyjm3/SLTrain, arXiv 2406.02214), at the precision given here (M = 1e6 parameters; index GB at int64 = 8 bytes/nnz).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from megatron_sl.model import PRESETS, count_parameters, get_preset
 from megatron_sl.model.build import check_parallel_shape
 
 # size: (Full, linear part, other, Low-Rank, SLTrain, SLTrain/Full, sparse values M, int64 index GB)
-NOTES = {
+PAPER_COUNTS = {
     "60m": (58.1, 25.3, 32.8, 42.8, 43.5, 0.75, 0.76, 0.006),
     "130m": (134.1, 84.9, 49.2, 94.0, 96.5, 0.72, 2.5, 0.02),
     "350m": (368.0, 302.4, 65.6, 185.2, 194.3, 0.53, 9.1, 0.07),
     "1b": (1339.1, 1207.9, 131.2, 609.3, 645.5, 0.48, 36.2, 0.29),
     "7b": (6738.4, 6476.0, 262.4, 2820.9, 3144.7, 0.47, 324.0, 2.59),  # the 7B preset uses δ=0.05
 }
-NOTES_7B_DELTA_003 = (3015.2, 194.0, 1.55)  # SLTrain total, sparse (M), index GB at δ=0.03
+PAPER_COUNTS_7B_DELTA_003 = (3015.2, 194.0, 1.55)  # SLTrain total, sparse (M), index GB at δ=0.03
 
 
 def _digits(x) -> int:
@@ -35,9 +35,9 @@ def _rounded(value, like) -> float:
     return round(value, _digits(like))
 
 
-@pytest.mark.parametrize("name", list(NOTES))
-def test_counts_match_method_notes(name):
-    full, linear, other, lowrank_total, sl_total, ratio, sparse, index_gb = NOTES[name]
+@pytest.mark.parametrize("name", list(PAPER_COUNTS))
+def test_counts_match_paper_sizes(name):
+    full, linear, other, lowrank_total, sl_total, ratio, sparse, index_gb = PAPER_COUNTS[name]
     f, lr, sl = (count_parameters(name, v) for v in ("dense", "lowrank", "sl"))
     m = lambda n: n / 1e6  # noqa: E731
     assert _rounded(m(f.total), full) == full
@@ -56,7 +56,7 @@ def test_counts_match_method_notes(name):
 def test_7b_at_paper_table_density():
     p = get_preset("7b")
     c = count_parameters(p, "sl", SLConfig(rank=p.rank, density=0.03, alpha=p.alpha))
-    total, sparse, index_gb = NOTES_7B_DELTA_003
+    total, sparse, index_gb = PAPER_COUNTS_7B_DELTA_003
     assert round(c.total / 1e6, 1) == total and round(c.sparse / 1e6) == sparse
     assert round(c.sparse * 8 / 1e9, 2) == index_gb
 

@@ -69,7 +69,7 @@ def slurm_cluster():
 @pytest.fixture(scope="session")
 def slurm_data(slurm_cluster, tmp_path_factory):
     """A 512-piece BPE over the stdlib pydoc corpus, prepared by the real pipeline (no network)."""
-    from megatron_sl.training.data import prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
 
     prepared = prepare_demo_data(tmp_path_factory.mktemp("slurm-data"), vocab_size=512, sources=("pydoc",))
     return str(prepared.prefix), str(prepared.tokenizer_model)

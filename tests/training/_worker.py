@@ -76,11 +76,11 @@ def count_tp_allreduce(tp_group):
 
 def main(spec_path: str, out_dir: str) -> int:
     from megatron_sl.training import optim as optim_mod
-    from megatron_sl.training.checks import replicated_max_abs_diff
+    from megatron_sl.training.consistency import replicated_max_abs_diff
     from megatron_sl.training.config import load_config
     from megatron_sl.training.distributed import rank_env, silence_known_warnings
     from megatron_sl.training.trainer import Trainer
-    from megatron_sl.training.validate import make_plan
+    from megatron_sl.training.config_checks import make_plan
 
     silence_known_warnings()
     cases = json.loads(Path(spec_path).read_text())
@@ -127,7 +127,7 @@ def main(spec_path: str, out_dir: str) -> int:
                 def perturbed(cfg_, plan_, _build=build):
                     model = _build(cfg_, plan_)
                     if dist.get_rank() == 1:
-                        from megatron_sl.training.checks import support_indices
+                        from megatron_sl.training.consistency import support_indices
 
                         name, idx = support_indices(model)[0]
                         idx[0] = (idx[0] + 1) % idx[1] if idx.numel() > 1 else idx[0] + 1

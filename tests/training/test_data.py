@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_sl import corpus
 from megatron_sl.cli import prepare_data as cli
-from megatron_sl.training.data import corpus, debian
+from megatron_sl.corpus import debian
+from megatron_sl.corpus.rlazyload import RFormatError, read_lazyload_db, unserialize
 from megatron_sl.training.data.datasets import build_datasets
 from megatron_sl.training.data.errors import DataError
-from megatron_sl.training.data.rlazyload import RFormatError, read_lazyload_db, unserialize
 from megatron_sl.training.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 VOCAB = 2000
@@ -374,7 +375,7 @@ def test_prepare_data_bad_inputs_exit_2_and_write_nothing(tmp_path, pydoc_corpus
 
 
 def test_prepare_demo_data_is_cached(tmp_path, monkeypatch):
-    from megatron_sl.training.data import preprocess
+    from megatron_sl.corpus import demo as preprocess  # prepare_demo_data and the preparation it calls
 
     first = preprocess.prepare_demo_data(tmp_path, vocab_size=VOCAB, workers=1, sources=("pydoc",))
     assert first.prefix == tmp_path / "demo" / f"pydoc_bpe{VOCAB}_text_document"

@@ -195,7 +195,7 @@ def _registry_events(rank, world_size, out):
     from megatron_sl.training.config import load_config
     from megatron_sl.training.metrics import MetricsLog
     from megatron_sl.training.monitoring import MetricsRegistry
-    from megatron_sl.training.validate import make_plan
+    from megatron_sl.training.config_checks import make_plan
     import torch
 
     textfile = out / "msl.prom"

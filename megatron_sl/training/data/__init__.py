@@ -1,12 +1,12 @@
-"""training.data: the data pipeline -- demo corpus fetch, sentencepiece tokenizer, JSONL -> megatron
-indexed ``.bin/.idx`` preparation, and megatron ``GPTDataset`` train/validation splits.
+"""training.data: the data pipeline -- sentencepiece tokenizer, JSONL -> megatron indexed ``.bin/.idx``
+preparation, and megatron ``GPTDataset`` train/validation splits (the demo corpus is fetched and
+prepared through it by ``megatron_sl.corpus``).
 
 Depends only on megatron-core's datasets, sentencepiece, numpy and torch (no model or parallel
 code). Public names are imported lazily so that argument checks and ``--help`` stay fast:
 
-* :func:`fetch_demo_corpus` (``corpus``): cached JSONL of real English prose from a registry package.
 * :class:`SentencePieceTokenizer`, :func:`train_bpe_tokenizer`, :func:`load_tokenizer` (``tokenizer``).
-* :func:`prepare_indexed_dataset`, :func:`prepare_demo_data`, :class:`PreparedData` (``preprocess``).
+* :func:`prepare_indexed_dataset`, :class:`PreparedData` (``preprocess``).
 * :func:`build_datasets` (``datasets``): ``(train, valid)`` GPTDatasets, multi-rank safe;
   :func:`plan_datasets` runs all of its input checks without building (for launchers).
 * :class:`DataError` (``errors``): every user-facing data problem.
@@ -18,13 +18,11 @@ import importlib
 
 _EXPORTS = {
     "DataError": "errors",
-    "fetch_demo_corpus": "corpus",
     "SentencePieceTokenizer": "tokenizer",
     "train_bpe_tokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",
     "PreparedData": "preprocess",
     "prepare_indexed_dataset": "preprocess",
-    "prepare_demo_data": "preprocess",
     "build_datasets": "datasets",
     "plan_datasets": "datasets",
     "resolve_data_prefix": "datasets",

@@ -1,6 +1,7 @@
 """JSONL -> sentencepiece -> megatron indexed ``.bin/.idx``: the work behind ``megatron-sl prepare-data``.
 
-Owns :func:`prepare_indexed_dataset` and :func:`prepare_demo_data`. Outputs for ``--output-prefix
+Owns :func:`prepare_indexed_dataset` (the demo corpus is prepared through it by
+``megatron_sl.corpus.prepare_demo_data``). Outputs for ``--output-prefix
 out/name``:
 
 * ``out/name_text_document.{bin,idx}`` -- one sequence per document, ``eod`` appended
@@ -16,7 +17,6 @@ leaves nothing behind (directories this call created are removed again when empt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,9 +27,8 @@ from typing import Iterable
 
 import numpy as np
 
-from megatron_sl.training.data.corpus import DEFAULT_SEED, DEFAULT_SOURCES, fetch_demo_corpus
 from megatron_sl.training.data.errors import DataError
-from megatron_sl.training.data.fsutil import (atomic_write, check_writable_dir, file_lock, remove_quietly,
+from megatron_sl.training.data.fsutil import (atomic_write, check_writable_dir, remove_quietly,
                                               temp_path_for)
 from megatron_sl.training.data.indexed_format import inspect_indexed_dataset, max_token_id
 from megatron_sl.training.data.jsonl import TextStream, resolve_inputs
@@ -234,42 +233,6 @@ def prepare_indexed_dataset(inputs: list[str], output_prefix: str | Path, json_k
                           vocab_size=tokenizer.vocab_size, seconds=seconds, encode_seconds=encode_seconds)
     logger.info("prepared %s", result.summary())
     return result
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def prepare_demo_data(data_dir: str | Path = "data", vocab_size: int = DEFAULT_VOCAB_SIZE, workers: int = 2,
-                      sources: tuple[str, ...] = DEFAULT_SOURCES, seed: int = DEFAULT_SEED) -> PreparedData:
-    """Fetch the demo corpus into ``data_dir/raw`` and prepare it under ``data_dir/demo`` (cached).
-
-    A second call with the same corpus and vocabulary returns the existing files at once; safe to
-    call from several processes at the same time (a file lock serialises them).
-    """
-    data_dir = Path(data_dir)
-    check_writable_dir(data_dir, "data directory")
-    corpus = fetch_demo_corpus(data_dir / "raw", sources=sources, seed=seed)
-    corpus_sha = _sha256(corpus)
-    prefix = data_dir / "demo" / f"{corpus.stem}_bpe{vocab_size}"
-    outputs = output_paths(prefix)
-    with file_lock(data_dir / "demo" / ".prepare.lock"):
-        if outputs["meta"].is_file():
-            meta = json.loads(outputs["meta"].read_text())
-            if meta.get("corpus_sha256") == corpus_sha and all(outputs[k].is_file() for k in outputs):
-                try:
-                    inspect_indexed_dataset(Path(str(outputs["bin"])[: -len(".bin")]))
-                    cached = PreparedData.from_meta(outputs["meta"])
-                    logger.info("demo data cached: %s", cached.prefix)
-                    return cached
-                except DataError as err:
-                    logger.warning("rebuilding demo data: %s", err)
-        return prepare_indexed_dataset([str(corpus)], prefix, vocab_size=vocab_size, workers=workers,
-                                       extra_meta={"corpus_sha256": corpus_sha, "corpus": str(corpus.resolve())})
 
 
 def prepared_to_dict(prepared: PreparedData) -> dict:

