@@ -34,7 +34,8 @@ from typing import Callable
 
 from megatron_sl.training.data import debian
 from megatron_sl.training.data.errors import DataError
-from megatron_sl.training.data.fsutil import atomic_write, file_lock
+from megatron_sl.training.checkpoint.atomic import atomic_write
+from megatron_sl.training.data.fsutil import file_lock
 from megatron_sl.training.data.rlazyload import read_lazyload_db
 
 logger = logging.getLogger(__name__)
