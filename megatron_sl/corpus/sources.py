@@ -37,7 +37,8 @@ from megatron_sl.constants import DEFAULT_DATA_DIR
 from megatron_sl.corpus import debian
 from megatron_sl.corpus.rlazyload import read_lazyload_db
 from megatron_sl.training.data.errors import DataError
-from megatron_sl.training.data.fsutil import atomic_write, file_lock
+from megatron_sl.training.checkpoint.atomic import atomic_write
+from megatron_sl.training.data.fsutil import file_lock
 
 logger = logging.getLogger(__name__)
 

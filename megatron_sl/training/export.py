@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ..model.hf import ExportError, GlobalWeights, from_sl_tensors, gather_weights, hf_config_dict
-from .checkpoint import CLIENT_STATE, ENGINE_DIR, MANIFEST, RANKS_DIR
+from .checkpoint.names import CLIENT_STATE, ENGINE_DIR, MANIFEST, RANKS_DIR
 from .config import TrainConfig, from_dict
 
 SL_WEIGHTS = "sl_weights.safetensors"

@@ -18,14 +18,11 @@ A changed world size can never be allowed (the per-rank checkpoint files would n
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from .checkpoint.names import CHECKPOINTS_DIR, MANIFEST, RUN_CONFIG, STEP_RE
 from .config import ConfigError, TrainConfig
-
-RUN_CONFIG = "run_config.json"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 PROTECTED_SECTIONS = ("model", "sl", "parallel", "deepspeed")
 PROTECTED_KEYS = frozenset({
@@ -63,14 +60,14 @@ def run_config_record(cfg: TrainConfig, world_size: int) -> dict:
 def newest_checkpoint(run_dir: str | Path) -> Optional[Tuple[Path, dict]]:
     """(directory, its run_config.json) of the newest committed checkpoint (a readable manifest) that
     resume would consider first; None if there is none or it predates run_config.json."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return None
-    steps = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))),
+    steps = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))),
                    reverse=True)
     for _, path in steps:
         try:
-            json.loads((path / "manifest.json").read_text())
+            json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError):
             continue  # incomplete or corrupt: resume skips it too
         try:

@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from .batches import collate, eval_sample_start, masked_mean, per_token_loss, train_sample_start
-from .checkpoint import CheckpointManager
+from .checkpoint.manager import CheckpointManager
+from .checkpoint.names import step_dirname
 from .consistency import assert_identical_across_dp, count_params, replicated_mismatches
 from .config import TrainConfig, dump_config
 from .guards import Diverged, StepGuard, Watchdog
@@ -171,7 +172,7 @@ class Trainer:
             if client is not None:
                 self.step = self.last_saved_step = int(client["step"])
                 self.resumed_from = self.step
-                self.log(f"[ckpt] resumed from {self.ckpt.root / ('step_%08d' % self.step)} at step {self.step}")
+                self.log(f"[ckpt] resumed from {self.ckpt.root / step_dirname(self.step)} at step {self.step}")
 
     # -- helpers ----------------------------------------------------------------------------
     def _lock_run_dir(self) -> Optional[RunLock]:
@@ -346,11 +347,11 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Atomic checkpoint of this step (collective); a step already saved is not written twice."""
-        path = self.ckpt.root / ("step_%08d" % self.step)
+        path = self.ckpt.root / step_dirname(self.step)
         if self.last_saved_step == self.step:
             return str(path)
         client_state = {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
-                        "config": self.cfg.to_dict(), "format": "megatron-sl/2"}
+                        "config": self.cfg.to_dict()}
         with self.monitor.checkpointing(self.step) as record:
             path = record.path = self.ckpt.save(
                 self.step, self.engine, client_state, model=self.engine.module,

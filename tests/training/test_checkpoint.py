@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from megatron_sl.core import SLLinear
-from megatron_sl.training.checkpoint import (CheckpointError, CheckpointManager, CheckpointWarning, StateFns,
-                                             TorchState, as_state_io, step_dirname)
+from megatron_sl.training.checkpoint import (CheckpointError, CheckpointInfo, CheckpointManager, CheckpointWarning,
+                                             StateFns, TorchState, as_state_io, step_dirname)
 
 
 class Net(nn.Module):
@@ -359,3 +359,29 @@ def test_rng_capture_restore_includes_megatron_tracker(monkeypatch):
     monkeypatch.setattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False)
     with pytest.raises(CheckpointError, match="tracker is not initialised"):
         restore_rng_state(state)
+
+
+def test_format_versions_are_read_and_checked(tmp_path):
+    """Both format tags (manifest and client state) are checked on read: another version is refused
+    with a message naming the version found and the one this code reads."""
+    import torch as _torch
+
+    from megatron_sl.training.checkpoint import CLIENT_FORMAT, CLIENT_STATE, FORMAT
+
+    mgr = CheckpointManager(tmp_path)
+    save_n(mgr, [1, 2])
+    ckpt = tmp_path / "checkpoints" / step_dirname(2)
+    assert _torch.load(ckpt / CLIENT_STATE, weights_only=False)["format"] == CLIENT_FORMAT
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["format"] == FORMAT
+    manifest["format"] = FORMAT.rsplit("/", 1)[0] + "/99"
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(CheckpointWarning, match=r"step_00000002: file manifest.json has format version "
+                                               r"'megatron-sl-checkpoint/99'; this version of megatron-sl reads"):
+        info = mgr.find_resumable()
+    assert info.step == 1
+    client = _torch.load(info.path / CLIENT_STATE, weights_only=False)
+    client["format"] = "megatron-sl/1"
+    _torch.save(client, info.path / CLIENT_STATE)
+    with pytest.raises(CheckpointError, match=r"client_state.pt has format version 'megatron-sl/1'"):
+        mgr.load(CheckpointInfo(info.path, info.step, info.manifest), make_run()[3])

@@ -1,9 +1,9 @@
-"""Filesystem helpers of the data pipeline: all-or-nothing writes and inter-process locks.
+"""Filesystem helpers of the data pipeline: inter-process locks and writable-directory checks.
 
-Owns :func:`temp_path_for` (a hidden sibling name to write to before an ``os.replace``),
-:func:`atomic_write` (write a file so readers see the old file or the whole new one, never half),
-:func:`remove_quietly`, :func:`file_lock` (an exclusive ``fcntl`` lock that serialises concurrent
-processes doing the same one-off work, e.g. two ranks fetching the corpus) and
+All-or-nothing writes (``atomic_write``, ``temp_path_for``, ``remove_quietly``) are the checkpoint
+package's (``training.checkpoint.atomic``), one rule for both. Owns :func:`file_lock` (an exclusive
+``fcntl`` lock that serialises concurrent processes doing the same one-off work, e.g. two ranks
+fetching the corpus) and
 :func:`check_writable_dir` (can a directory, possibly not yet created, be written?).
 """
 
@@ -11,38 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 from megatron_sl.training.data.errors import DataError
-
-
-def temp_path_for(path: Path) -> Path:
-    """A hidden, process-unique sibling of ``path`` (same directory, so renaming is atomic)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def remove_quietly(*paths: Path) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """Open a temp sibling of ``path`` for writing; rename it onto ``path`` only on success."""
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        remove_quietly(tmp)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,8 @@ from typing import Iterable
 import numpy as np
 
 from megatron_sl.training.data.errors import DataError
-from megatron_sl.training.data.fsutil import (atomic_write, check_writable_dir, remove_quietly,
-                                              temp_path_for)
+from megatron_sl.training.checkpoint.atomic import atomic_write, remove_quietly, temp_path_for
+from megatron_sl.training.data.fsutil import check_writable_dir, file_lock
 from megatron_sl.training.data.indexed_format import inspect_indexed_dataset, max_token_id
 from megatron_sl.training.data.jsonl import TextStream, resolve_inputs
 from megatron_sl.training.data.mcore import megatron_datasets
@@ -159,7 +159,7 @@ def prepare_indexed_dataset(inputs: list[str], output_prefix: str | Path, json_k
     # ---- work, under temporary names -----------------------------------------------------
     created_dirs = [d for d in [prefix.parent, *prefix.parent.parents] if not d.exists()]
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp_prefix = prefix.parent / f".{prefix.name}_text_document.tmp-{os.getpid()}"
+    tmp_prefix = temp_path_for(prefix.parent / f"{prefix.name}_text_document")
     tmp = {"bin": Path(f"{tmp_prefix}.bin"), "idx": Path(f"{tmp_prefix}.idx"),
            "tokenizer": temp_path_for(outputs["tokenizer"]), "meta": temp_path_for(outputs["meta"])}
     try:

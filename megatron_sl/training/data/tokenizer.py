@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from megatron_sl.training.data.errors import DataError
-from megatron_sl.training.data.fsutil import atomic_write
+from megatron_sl.training.checkpoint.atomic import atomic_write
 
 DEFAULT_VOCAB_SIZE = 8000
 MIN_VOCAB_SIZE = 300  # 3 specials + 256 byte-fallback pieces + some merges

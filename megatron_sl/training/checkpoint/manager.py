@@ -46,59 +46,45 @@ checkpoints exist but none verifies, ``CheckpointError`` is raised: a run never 
 scratch over existing checkpoints. Only an empty ``checkpoints/`` (or one holding just an
 interrupted first save) means "start fresh".
 
-Engine state goes through a small adapter: ``DeepSpeedState`` (``engine.save_checkpoint`` /
-``load_checkpoint`` into ``engine/``: module, ZeRO optimizer shards, LR scheduler), ``TorchState``
-(state dicts of plain objects, one file per rank) or any object with ``save_state(dir)`` /
-``load_state(dir)`` methods (``as_state_io`` picks). The pure file logic needs no DeepSpeed.
+Engine state goes through an adapter (``adapters``); each rank's RNG streams and SL support
+metadata through ``rank_state``; file writes through ``atomic``; names and format versions are in
+``names``. The pure file logic needs no DeepSpeed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
-import random
-import re
 import shutil
-import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-FORMAT = "megatron-sl-checkpoint/1"
-LATEST = "latest"
-LAST_GOOD = "last_good"   # pointer to the newest checkpoint saved before a run of bad steps (never pruned)
-RUN_CONFIG = "run_config.json"
-ABANDONED_RE = re.compile(r"^step_(\d{8,})\.abandoned-\d+$")
-MANIFEST = "manifest.json"
-CLIENT_STATE = "client_state.pt"
-ENGINE_DIR = "engine"
-RANKS_DIR = "ranks"
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-STEP_RE = re.compile(r"^step_(\d{8,})$")
-HASHES = ("sha256", "crc32")
-_CHUNK = 8 << 20
+from .adapters import as_state_io
+from .atomic import (HASHES, file_checksum, fsync_dir, human_bytes, list_files, replace_durable, torch_save_durable,
+                     write_durable)
+from .errors import CheckpointError, CheckpointWarning
+from .names import (ABANDONED_RE, CHECKPOINTS_DIR, CLIENT_FORMAT, CLIENT_STATE, ENGINE_DIR, FORMAT, LAST_GOOD, LATEST,
+                    MANIFEST, RANKS_DIR, RUN_CONFIG, STEP_RE, TMP_PREFIX, TRASH_PREFIX, format_problem, rank_file,
+                    step_dirname)
+from .rank_state import capture_rng_state, check_sl_support, restore_rng_state, sl_support_metadata
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or none can be resumed; the message names the file."""
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped (corrupt, truncated, incomplete); an older one is used."""
-
-
-def step_dirname(step: int) -> str:
-    return f"step_{step:08d}"
+def read_client_state(path: Path) -> dict:
+    """``client_state.pt`` of checkpoint ``path``, its format version checked (``CheckpointError``)."""
+    client = torch.load(Path(path) / CLIENT_STATE, map_location="cpu", weights_only=False)
+    if not isinstance(client, dict):
+        raise CheckpointError(f"checkpoint {path}: {CLIENT_STATE} holds no client state dict")
+    problem = format_problem(client.get("format"), CLIENT_FORMAT, f"checkpoint {path}: {CLIENT_STATE}")
+    if problem is not None:
+        raise CheckpointError(problem)
+    return client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,252 +128,6 @@ class _Comm:
 
 
 # --------------------------------------------------------------------------------------------
-# durable file helpers
-# --------------------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync the file (not atomic; used inside the temp dir)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def replace_durable(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` by a file holding ``data``: temp file, fsync, os.replace, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write_durable(tmp, data)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def torch_save_durable(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def file_checksum(path: Path, algo: str, fsync: bool = False) -> str:
-    """Checksum of a file's bytes (``sha256`` hex or ``crc32`` as 8 hex digits); optionally fsync it."""
-    with open(path, "rb") as f:
-        if fsync:
-            os.fsync(f.fileno())
-        if algo == "sha256":
-            h = hashlib.sha256()
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-            return h.hexdigest()
-        if algo == "crc32":
-            c = 0
-            while chunk := f.read(_CHUNK):
-                c = zlib.crc32(chunk, c)
-            return f"{c:08x}"
-    raise ValueError(f"unknown checksum {algo!r}; expected one of {HASHES}")
-
-
-def _human(n: Optional[float]) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _list_files(root: Path) -> List[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state and SL support metadata (per rank)
-# --------------------------------------------------------------------------------------------
-def _megatron_tracker():
-    mrandom = sys.modules.get("megatron.core.tensor_parallel.random")
-    if mrandom is None:  # megatron never imported here: its tracker cannot hold state
-        return None
-    if not getattr(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False):
-        return None
-    return mrandom.get_cuda_rng_tracker()
-
-
-def capture_rng_state() -> dict:
-    """This process's RNG streams, as tensors and plain lists (loadable with ``weights_only``):
-    python ``random``, numpy's global generator, torch CPU, every CUDA device (if CUDA is in use)
-    and megatron's model-parallel RNG tracker (if initialised)."""
-    version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    tracker = _megatron_tracker()
-    if tracker is not None:
-        tstates = {}
-        for name, st in tracker.get_states().items():
-            if isinstance(st, torch.Generator):
-                st = st.get_state()
-            tstates[name] = st.clone()
-        state["megatron_tracker"] = tstates
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of ``capture_rng_state``."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        if not torch.cuda.is_available():
-            raise CheckpointError("checkpoint holds CUDA RNG states but this process has no CUDA device")
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "megatron_tracker" in state:
-        tracker = _megatron_tracker()
-        if tracker is None:
-            raise CheckpointError("checkpoint holds megatron RNG tracker states but the tracker is not "
-                                  "initialised in this process (initialise model parallel first)")
-        current = tracker.get_states()
-        if set(current) != set(state["megatron_tracker"]):
-            raise CheckpointError(f"megatron RNG tracker streams differ: checkpoint {sorted(state['megatron_tracker'])} "
-                                  f"vs this process {sorted(current)}")
-        new = {}
-        for name, st in state["megatron_tracker"].items():
-            if isinstance(current[name], torch.Generator):
-                gen = current[name]
-                gen.set_state(st)
-                new[name] = gen
-            else:
-                new[name] = st.clone()
-        tracker.set_states(new)
-
-
-def sl_support_metadata(model: Optional[torch.nn.Module]) -> Dict[str, dict]:
-    """``{module name: get_extra_state()}`` of every SL layer in ``model`` (the layers whose extra
-    state carries an ``index_hash``): seed, density, shapes, index hash, TP shard."""
-    if model is None:
-        return {}
-    out = {}
-    for name, mod in model.named_modules():
-        get = getattr(type(mod), "get_extra_state", None)
-        if get is None or get is torch.nn.Module.get_extra_state:
-            continue
-        meta = mod.get_extra_state()
-        if isinstance(meta, dict) and "index_hash" in meta:
-            out[name] = meta
-    return out
-
-
-def check_sl_support(model: Optional[torch.nn.Module], saved: Dict[str, dict], where: str) -> None:
-    """Raise ``CheckpointError`` if the model's SL layers differ from the checkpoint's (a different
-    seed, density, shape, TP layout or support index), naming the first differing layer."""
-    if model is None:
-        return
-    mine = sl_support_metadata(model)
-    if set(mine) != set(saved):
-        only_ckpt, only_model = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
-        raise CheckpointError(f"{where}: SL layers differ from the model: only in the checkpoint {only_ckpt[:5]}, "
-                              f"only in the model {only_model[:5]}")
-    for name in sorted(mine):
-        if mine[name] != saved[name]:
-            diff = sorted(k for k in set(mine[name]) | set(saved[name]) if mine[name].get(k) != saved[name].get(k))
-            raise CheckpointError(f"{where}: SL support metadata of layer {name!r} differs in {diff}: "
-                                  f"checkpoint {saved[name]} vs model {mine[name]}")
-
-
-# --------------------------------------------------------------------------------------------
-# engine adapters
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class StateFns:
-    """Two callables: ``save(directory)`` writes this rank's engine files, ``load(directory)`` reads them."""
-
-    save: Callable[[Path], None]
-    load: Callable[[Path], None]
-    module: Optional[torch.nn.Module] = None
-
-    def save_state(self, directory: Path) -> None:
-        self.save(directory)
-
-    def load_state(self, directory: Path) -> None:
-        self.load(directory)
-
-
-class DeepSpeedState:
-    """A DeepSpeed engine: ``save_checkpoint`` (model states, ZeRO shards of every rank, LR scheduler)
-    into ``<dir>/ds`` without DeepSpeed's own ``latest`` file; ``load_checkpoint`` with optimizer
-    and scheduler states."""
-
-    TAG = "ds"
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.module = getattr(engine, "module", None)
-
-    def save_state(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={}, save_latest=False)
-
-    def load_state(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {directory}/{self.TAG}")
-
-
-class TorchState:
-    """Plain objects with ``state_dict``/``load_state_dict`` (model, optimizer, scheduler, ...):
-    each rank writes ``rank_XXXXX.pt`` holding all of them."""
-
-    def __init__(self, module: Optional[torch.nn.Module] = None, **objects):
-        self.module = module
-        self.objects = dict(objects)
-        if module is not None:
-            self.objects = {"module": module, **self.objects}
-
-    @staticmethod
-    def _rank() -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def save_state(self, directory: Path) -> None:
-        states = {k: v.state_dict() for k, v in self.objects.items()}
-        torch_save_durable(states, directory / f"rank_{self._rank():05d}.pt")
-
-    def load_state(self, directory: Path) -> None:
-        path = directory / f"rank_{self._rank():05d}.pt"
-        states = torch.load(path, map_location="cpu", weights_only=False)
-        missing = sorted(set(self.objects) - set(states))
-        if missing:
-            raise CheckpointError(f"{path}: no state for {missing}")
-        for k, v in self.objects.items():
-            v.load_state_dict(states[k])
-
-
-def as_state_io(obj):
-    """The engine adapter for ``obj``: itself if it has ``save_state``/``load_state``; a DeepSpeed
-    engine (or a wrapper exposing one as ``.engine``) -> ``DeepSpeedState``."""
-    if hasattr(obj, "save_state") and hasattr(obj, "load_state"):
-        return obj
-    for cand in (obj, getattr(obj, "engine", None)):
-        if cand is not None and hasattr(cand, "save_checkpoint") and hasattr(cand, "load_checkpoint") \
-                and hasattr(cand, "zero_optimization_stage"):
-            return DeepSpeedState(cand)
-    raise TypeError(f"cannot checkpoint {type(obj).__name__}: expected a DeepSpeed engine, an object with "
-                    f"save_state(dir)/load_state(dir), StateFns or TorchState")
-
-
-# --------------------------------------------------------------------------------------------
 # the manager
 # --------------------------------------------------------------------------------------------
 class CheckpointManager:
@@ -408,7 +148,7 @@ class CheckpointManager:
         if verify not in ("checksum", "size"):
             raise ValueError(f"verify={verify!r} must be 'checksum' or 'size'")
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "checkpoints"
+        self.root = self.run_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
         self.checksum = checksum
         self.verify = verify
@@ -454,8 +194,13 @@ class CheckpointManager:
             manifest = json.loads(mf.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"checkpoint {path}: file {MANIFEST} is corrupt: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        if not isinstance(manifest, dict):
             raise CheckpointError(f"checkpoint {path}: file {MANIFEST} is not a {FORMAT} manifest")
+        problem = format_problem(manifest.get("format"), FORMAT, f"checkpoint {path}: file {MANIFEST}")
+        if problem is None and not isinstance(manifest.get("files"), dict):
+            problem = f"checkpoint {path}: file {MANIFEST} lists no files"
+        if problem is not None:
+            raise CheckpointError(problem)
         return CheckpointInfo(path=path, step=int(manifest["step"]), manifest=manifest)
 
     # -- save ------------------------------------------------------------------------------
@@ -475,6 +220,9 @@ class CheckpointManager:
             raise ValueError(f"step={step!r} must be a non-negative integer")
         client_state = dict(client_state or {})
         client_state.setdefault("step", step)
+        client_state.setdefault("format", CLIENT_FORMAT)
+        if client_state["format"] != CLIENT_FORMAT:
+            raise ValueError(f"client_state['format']={client_state['format']!r}; this version writes {CLIENT_FORMAT!r}")
         if client_state["step"] != step:
             raise ValueError(f"client_state['step']={client_state['step']!r} differs from step={step}")
         state_io = as_state_io(engine_or_state_fns)
@@ -530,7 +278,7 @@ class CheckpointManager:
             state_io.save_state(engine_dir)
             torch_save_durable({"rank": comm.rank, "world_size": comm.world, "rng": capture_rng_state(),
                                 "sl_support": sl_support_metadata(model)},
-                               tmp / RANKS_DIR / f"rank_{comm.rank:05d}.pt")
+                               rank_file(tmp, comm.rank))
             if comm.rank == 0:
                 torch_save_durable(client_state, tmp / CLIENT_STATE)
                 if run_config is not None:
@@ -546,7 +294,7 @@ class CheckpointManager:
             raise CheckpointError(errors[0])
 
         # 3. fsync + checksum, split over the ranks
-        files = comm.broadcast(_list_files(tmp) if comm.rank == 0 else None)
+        files = comm.broadcast(list_files(tmp) if comm.rank == 0 else None)
         mine = {rel: {"size": (tmp / rel).stat().st_size, self.checksum: file_checksum(tmp / rel, self.checksum, fsync=True)}
                 for rel in files[comm.rank::comm.world]}
         parts = comm.all_gather(mine)
@@ -615,7 +363,7 @@ class CheckpointManager:
         free = shutil.disk_usage(self.root).free
         if free >= need * 1.05 + (1 << 20):
             return None
-        return (f"not enough space to write a checkpoint in {self.root}: {_human(free)} free, about {_human(need)} "
+        return (f"not enough space to write a checkpoint in {self.root}: {human_bytes(free)} free, about {human_bytes(need)} "
                 f"needed (free some space or point run.output_dir elsewhere; earlier checkpoints are intact)")
 
     def _write_error(self, tmp: Path, e: BaseException) -> str:
@@ -625,10 +373,10 @@ class CheckpointManager:
             free = 0
         need = self._checkpoint_bytes()
         written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
-        need_s = f"about {_human(need)}" if need else f"more than the {_human(written)} written so far"
+        need_s = f"about {human_bytes(need)}" if need else f"more than the {human_bytes(written)} written so far"
         full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or free < (1 << 20) or "iostream" in str(e)
         cause = "no space left on device" if full else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        return (f"cannot write checkpoint {tmp} ({cause}): {_human(free)} free, {need_s} needed; the partial "
+        return (f"cannot write checkpoint {tmp} ({cause}): {human_bytes(free)} free, {need_s} needed; the partial "
                 f"checkpoint was removed and earlier checkpoints are intact")
 
     def _clean_leftovers(self) -> None:
@@ -766,13 +514,15 @@ class CheckpointManager:
         if saved_world != comm.world:
             raise CheckpointError(f"checkpoint {info.path} was written by {saved_world} ranks, this run has "
                                   f"{comm.world}; resuming with a different world size is not supported")
-        rank_file = info.path / RANKS_DIR / f"rank_{comm.rank:05d}.pt"
+        mine = rank_file(info.path, comm.rank)
         try:
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-            client_state = torch.load(info.path / CLIENT_STATE, map_location="cpu", weights_only=False)
+            rank_state = torch.load(mine, map_location="cpu", weights_only=True)
+            client_state = read_client_state(info.path)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"checkpoint {info.path}: cannot read {e}") from e
-        check_sl_support(model, rank_state["sl_support"], f"checkpoint {rank_file}")
+        check_sl_support(model, rank_state["sl_support"], f"checkpoint {mine}")
         state_io.load_state(info.path / ENGINE_DIR)
         if restore_rng:
             restore_rng_state(rank_state["rng"])
