@@ -100,7 +100,7 @@ def run_config(args, variant: str, lr: float, data) -> dict:
 
 
 def prepare(args):
-    from megatron_sl.training.data import prepare_demo_data
+    from megatron_sl.corpus import prepare_demo_data
 
     return prepare_demo_data(args.data_dir, vocab_size=8000)
 
