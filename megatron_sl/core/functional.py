@@ -146,4 +146,7 @@ def sl_linear(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, values: torch.T
     x2 = x.reshape(-1, n)
     path = choose(path, x2.shape[0], layout, A.shape[0], x.device.type)
     y = FUNCTIONS[path].apply(x2, B, A, values, bias, layout, float(scale))
-    return y.reshape(*lead, m)
+    # Not a view of y (the aten op torch.matmul unfolds its result with): megatron's bias-dropout-add
+    # adds in place without autograd and then makes its result "viewless" by assigning ``.data``,
+    # which torch.compile cannot trace for a view.
+    return torch.ops.aten._unsafe_view(y, (*lead, m))

@@ -20,6 +20,15 @@ from typing import Dict, Optional
 
 from torch import nn
 
+# megatron slot (tp_comm_buffer_name) -> the slot's path inside a TransformerLayer (so a layer's name
+# is decoder.layers.<i>.<path>; the HF weight mapping reads it)
+SLOT_PATHS = {
+    "qkv": "self_attention.linear_qkv",
+    "proj": "self_attention.linear_proj",
+    "fc1": "mlp.linear_fc1",
+    "fc2": "mlp.linear_fc2",
+}
+
 
 class NamedAfterBuild:
     """Mixin of SL layers: ``layer_name`` (None until named) and ``assign_name(name)``, which

@@ -1,6 +1,6 @@
 """``torch.compile(fullgraph=True)`` of the tiny SL GPTModel on CPU, for both execution paths of the
 SL linear (dense materialisation and factored): one graph, and loss and every gradient equal to
-eager at float32 tolerance.
+eager at float32 tolerance; in evaluation (eval mode, no autograd) the compiled loss equals eager too.
 
 The test compiles with the ``aot_eager`` backend: dynamo captures the whole model in one graph
 (any graph break fails ``fullgraph=True``) and AOTAutograd traces forward and backward through the
@@ -47,15 +47,23 @@ def _run(rank, world_size, path):
     tokens = torch.randint(0, P.vocab_size, (2, P.seq_length), generator=gen)
     batch = (tokens, torch.arange(P.seq_length).expand(2, -1), torch.roll(tokens, -1, dims=1))
     eager = _loss_and_grads(model, model, batch)
+    model.eval()
+    with torch.no_grad():  # evaluation: no autograd, megatron's in-place bias-dropout-add
+        eval_loss = model(*batch[:2], None, labels=batch[2]).mean()
+    model.train()
     compiled = _loss_and_grads(model, compile_model(model, backend="aot_eager"), batch)
-    return eager, compiled
+    model.eval()
+    with torch.no_grad():
+        compiled_eval_loss = model(*batch[:2], None, labels=batch[2]).mean()
+    return eager + (eval_loss,), compiled + (compiled_eval_loss,)
 
 
 @pytest.mark.parametrize("path", ["dense", "factored"])
 def test_fullgraph_compile_matches_eager(path):
     (eager, compiled), = run_distributed(_run, 1, path, timeout=300)
-    (loss, grads), (closs, cgrads) = eager, compiled
+    (loss, grads, eval_loss), (closs, cgrads, ceval_loss) = eager, compiled
     torch.testing.assert_close(closs, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ceval_loss, eval_loss, rtol=1e-5, atol=1e-6)
     assert set(cgrads) == set(grads) and any(n.endswith(".values") for n in grads)
     for name, g in grads.items():
         assert g.abs().max() > 0 or name.endswith("bias"), name
