@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -47,6 +46,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(REPO))
+from benchmarks import suite  # noqa: E402
 VARIANTS = ("dense", "lowrank", "sl")
 PAPER_60M = {"dense": 34.06, "sl": 34.15, "lowrank": 78.18}  # Table 2 of the paper, C4, 1.1B tokens
 
@@ -229,7 +231,7 @@ def report(args, runs) -> Path:
             best[row["variant"]] = row
     # compare at equal tokens: the last evaluation step every variant's kept run has reached
     common = min((max(b["evals"]) for b in best.values()), default=None)
-    machine = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread per run"
+    machine = f"{suite.machine()['device']}, 1 thread per run"
     (results / "fidelity.json").write_text(json.dumps({"machine": machine, "shape": SHAPE, "sl": SL,
                                                        "halve_at": args.halve_at, "rows": rows}, indent=1))
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
