@@ -183,9 +183,10 @@ class RunSection:
     at the end (``save_at_end``), on SIGUSR2, and on SIGUSR1/SIGTERM before exiting with code 75.
     With ``resume`` (default) a run whose directory holds checkpoints continues from the newest
     complete one; a run directory with outputs but no checkpoints is refused unless ``overwrite``.
-    Resuming with a config that changes what training means (model, SL, data, seed, optimizer,
-    layout; see ``training.resume_check``) is refused unless ``allow_config_change`` names the keys
-    (or sections); ``megatron-sl train --allow-config-change KEY[,KEY]`` sets it.
+    Resuming with a config that changes what training means (model, SL, data, seed, optimizer;
+    see ``training.resume_check``) is refused unless ``allow_config_change`` names the keys (or
+    sections); ``megatron-sl train --allow-config-change KEY[,KEY]`` sets it. A changed TP / DP /
+    ZeRO 0-2 layout is resharded (``training.checkpoint.reshard``).
     """
 
     output_dir: str = "runs/default"
