@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "plan": ("megatron_sl.cli.plan", "per-rank memory of a config, from the config alone (no ranks, no data)"),
     "export-hf": ("megatron_sl.cli.export_hf", "a checkpoint as a Hugging Face LLaMA directory (or --sl: factored)"),
     "generate": ("megatron_sl.cli.generate", "sample from a checkpoint (greedy or top-p)"),
+    "checkpoint": ("megatron_sl.cli.checkpoint", "checkpoint tools: convert (reshard offline to another TP / DP)"),
     "import-hf": ("megatron_sl.cli.import_hf", "initialise SL weights from a dense Hugging Face LLaMA (SVD + residual)"),
 }
 

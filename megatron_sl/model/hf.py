@@ -28,8 +28,9 @@ and the conversions around it:
 * ``from_hf_dense``: the SL initialisation of a dense LLaMA (beyond the paper): truncated SVD of
   W for B·A (B = U·√Σ / s, A = √Σ·Vᵀ so that s·B·A is the rank-r truncation), S on the fixed
   random support of ``(seed, name)`` holding the residual W − s·B·A at those entries.
-* ``load_weights``: copies a ``GlobalWeights`` into a built model at any TP rank (each SL shard
-  takes its rows / columns and the values at its own support entries).
+* ``local_weights`` / ``load_weights``: a ``GlobalWeights`` sliced for (copied into) a built model
+  at any TP rank (each SL shard takes its rows / columns and the values at its own support
+  entries); resharding a checkpoint slices optimizer moments the same way.
 """
 
 from __future__ import annotations
@@ -259,11 +260,12 @@ def gather_weights(states: Sequence[Dict[str, torch.Tensor]], preset: LlamaPrese
 # load into a built model (any TP rank)
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, weights: GlobalWeights) -> None:
-    """Copy ``weights`` into ``model`` (a ``build_model`` GPTModel at any TP size, this process's rank)."""
-    from megatron_sl.parallel.layers import SLColumnParallelLinear, SLRowParallelLinear
-
-    done = set()
+def local_weights(model: torch.nn.Module, weights: GlobalWeights) -> Dict[str, torch.Tensor]:
+    """``{parameter name: this rank's slice of weights}`` for every parameter of ``model`` (a
+    ``build_model`` GPTModel at any TP size): each SL shard takes its rows / columns and the values
+    at its own support entries (re-created from (seed, name) and checked against ``weights``);
+    dense tensors their TP slice. Also used for tensors shaped like the weights (optimizer moments)."""
+    out: Dict[str, torch.Tensor] = {}
     for mname, mod in model.named_modules():
         if isinstance(mod, SLShard):
             fp = weights.parts.get(mod.name)
@@ -278,19 +280,27 @@ def load_weights(model: torch.nn.Module, weights: GlobalWeights) -> None:
                 raise ExportError(f"SL matrix {mod.name!r}: the weights' support differs from the model's "
                                   f"(another seed or density)")
             if mod.rows is not None:
-                mod.B.copy_(fp.B[mod.rows]); mod.A.copy_(fp.A)
+                B, A = fp.B[mod.rows], fp.A
             else:
                 c0, c1 = mod.cols
-                mod.B.copy_(fp.B); mod.A.copy_(fp.A[:, c0:c1])
-            mod.values.copy_(fp.values[pos])
-            done.update(f"{mname}.{n}" for n in ("B", "A", "values"))
+                B, A = fp.B, fp.A[:, c0:c1]
+            out.update({f"{mname}.B": B, f"{mname}.A": A, f"{mname}.values": fp.values[pos]})
     for name, param in model.named_parameters():
-        if name in done:
+        if name in out:
             continue
         full = weights.dense.get(name)
         if full is None:
             raise ExportError(f"no weights for parameter {name!r}")
-        param.copy_(_local_slice(model, name, param, full))
+        out[name] = _local_slice(model, name, param, full)
+    return out
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, weights: GlobalWeights) -> None:
+    """Copy ``weights`` into ``model`` (a ``build_model`` GPTModel at any TP size, this process's rank)."""
+    local = local_weights(model, weights)
+    for name, param in model.named_parameters():
+        param.copy_(local[name])
 
 
 def _local_slice(model, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

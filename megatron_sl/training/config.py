@@ -208,8 +208,9 @@ class RunSection(_Section):
     allow_config_change: List[Text] = Field(
         default_factory=list, description="keys (or sections) whose change against the resumed checkpoint's config "
                                           "is accepted although it changes what training means (model, sl, data, "
-                                          "seed, optimizer, layout; see training.resume_check); "
-                                          "`train --allow-config-change KEY[,KEY]` sets it")
+                                          "seed, optimizer; see training.resume_check); "
+                                          "`train --allow-config-change KEY[,KEY]` sets it. A changed TP / DP / "
+                                          "ZeRO 0-2 layout needs none: it is resharded (training.checkpoint.reshard)")
 
 
 class LaunchSection(_Section):

@@ -295,6 +295,22 @@ def check_init_from(path: str, preset, sl_config: Optional[SLConfig], vocab: int
         _fail(f"config key model.init_from={path!r}: {e}")
 
 
+def padded_vocab(base_vocab: int, divisible_by: int, tp: int) -> int:
+    """The vocabulary the model is built with: ``base_vocab`` rounded up to a multiple of
+    ``divisible_by`` x TP (as megatron does)."""
+    multiple = divisible_by * tp
+    return -(-base_vocab // multiple) * multiple
+
+
+def divisor_keeping_vocab(base_vocab: int, rows: int, tp: int, old_multiple: int, limit: int) -> Optional[int]:
+    """The ``make_vocab_size_divisible_by`` that pads ``base_vocab`` to ``rows`` at TP=``tp`` (a
+    resharded checkpoint must keep its padded vocabulary): ``old_multiple / tp`` (the old
+    divisor x TP spread over the new TP size) when that works, else the largest one <= ``limit``;
+    None when there is none."""
+    cands = ([old_multiple // tp] if old_multiple % tp == 0 else []) + list(range(min(limit, rows // tp), 0, -1))
+    return next((k for k in cands if k > 0 and padded_vocab(base_vocab, k, tp) == rows), None)
+
+
 def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the Plan. Raises ConfigError.
 
@@ -368,8 +384,7 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
         base_vocab = cfg.model.vocab_size
     else:
         base_vocab = tok_vocab
-    multiple = cfg.model.make_vocab_size_divisible_by * tp
-    vocab = -(-base_vocab // multiple) * multiple
+    vocab = padded_vocab(base_vocab, cfg.model.make_vocab_size_divisible_by, tp)
     check_metrics(cfg)
     changes: tuple = ()
     if cfg.model.init_from is not None and check_inputs:
@@ -378,7 +393,7 @@ def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, 
         from .resume_check import check_resume
 
         check_output_dir(cfg)
-        changes = tuple(check_resume(cfg, world_size))
+        changes = tuple(check_resume(cfg, world_size, base_vocab=base_vocab))
     return Plan(world_size=world_size, tp=tp, dp=dp, grad_accum=ga, micro_batch_size=t.micro_batch_size,
                 global_batch_size=t.global_batch_size, seq_length=preset.seq_length, vocab_size=vocab,
                 tokenizer_vocab_size=tok_vocab, preset=preset, sl_config=sl_config, warmup_iters=warmup,

@@ -13,8 +13,9 @@ and has the same layout on every TP rank, so one coalesced all-reduce per bucket
 The training loop talks to this class and to ``PerLayerEngine`` through the same small surface:
 ``forward``, ``backward(loss)`` (loss of one micro-batch; scaled by 1/GA inside), ``step()``
 (after every micro-batch; updates only at the boundary), ``grad_norm``/``lr`` of the last update,
-``train()``/``eval()``, ``state_bytes()``, ``gathered_params()`` and ``save_state``/``load_state``
-(this rank's engine files, for ``training.checkpoint``).
+``train()``/``eval()``, ``state_bytes()``, ``gathered_params()``, ``save_state``/``load_state``
+(this rank's engine files, for ``training.checkpoint``) and ``load_universal`` (this rank's slices
+of a checkpoint resharded from another layout, ``training.checkpoint.reshard``).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch.optim.lr_scheduler import LambdaLR
 
+from .checkpoint.reshard import PARAM_NAMES_KEY
 from .config import TrainConfig
 from .distributed import import_deepspeed
 from .ds_config import render_ds_config
 from ..parallel.grad_sync import allreduce_coalesced_, finalize_sl_grads
 from .grads import global_norm, squared_norm_parts
 from .mpu import MegatronMPU
-from .optim import is_partial_group, make_optimizer, param_groups, state_bytes
+from .optim import is_partial_group, make_optimizer, param_groups, set_adam_moments, state_bytes
 from .schedule import WarmupCosine
 from .config_checks import Plan
 
@@ -47,6 +49,8 @@ class DeepSpeedTrainEngine:
         self.ds_config = render_ds_config(cfg, plan)
         self.zero_stage = cfg.deepspeed.zero_stage
         groups = param_groups(model, cfg.optim.weight_decay)
+        names = {p: n for n, p in model.named_parameters()}
+        self.param_names = [[names[p] for p in g["params"]] for g in groups]  # ZeRO replaces groups' params
         optimizer = make_optimizer(groups, cfg.optim)
         self.client_optimizer = optimizer
         self.tp_group = ps.get_tensor_model_parallel_group()
@@ -125,14 +129,53 @@ class DeepSpeedTrainEngine:
             yield
 
     def save_state(self, directory) -> None:
-        """This rank's engine files for ``training.checkpoint`` (module, ZeRO shards, LR scheduler)."""
-        self.engine.save_checkpoint(str(directory), tag="ds", client_state={}, save_latest=False)
+        """This rank's engine files for ``training.checkpoint`` (module, ZeRO shards, LR scheduler), with
+        the parameter names of each optimizer group (what resharding a ZeRO-0 state needs)."""
+        self.engine.save_checkpoint(str(directory), tag="ds", client_state={PARAM_NAMES_KEY: self.param_names},
+                                    save_latest=False)
 
     def load_state(self, directory) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag="ds", load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the engine state in {directory}/ds")
+        self._apply_schedule()
+
+    @torch.no_grad()
+    def load_universal(self, local: dict, *, opt_step: int, schedule_step: int) -> None:
+        """This rank's slices of a resharded checkpoint (``training.checkpoint.reshard``): ``local``
+        maps "fp32" / "exp_avg" / "exp_avg_sq" to ``{parameter name: tensor}``. The module parameters
+        take the fp32 weights; at ZeRO-1/2 each rank's fp32 partition and its moments are filled from
+        the parameters' fragments (DeepSpeed's ``_hp_mapping``: where each parameter's slice sits in
+        this rank's flat partition); at ZeRO-0 the moments go to the client optimizer per parameter."""
+        if self.zero_stage == 3:
+            raise RuntimeError("resharding into a ZeRO-3 engine is not supported")
+        named = dict(self.engine.module.named_parameters())
+        for n, p in named.items():
+            p.copy_(local["fp32"][n])
+        if self.zero_stage == 0:
+            for n, p in named.items():
+                set_adam_moments(self.client_optimizer, p, local["exp_avg"][n], local["exp_avg_sq"][n], opt_step)
+        else:
+            zopt = self.engine.optimizer
+            for i, part in enumerate(zopt.single_partition_of_fp32_groups):
+                flat = {k: torch.zeros(part.numel(), dtype=torch.float32, device=part.device) for k in local}
+                for lp in zopt.bit16_groups[i]:
+                    mapping = lp._hp_mapping
+                    if mapping is None:  # no element of it in this rank's partition
+                        continue
+                    src, dst = mapping.lp_fragment_address, mapping.hp_fragment_address
+                    name = zopt.param_names[lp]
+                    for k, tensors in local.items():
+                        piece = tensors[name].reshape(-1).narrow(0, src.start, src.numel)
+                        flat[k].narrow(0, dst.start, dst.numel).copy_(piece)
+                part.copy_(flat["fp32"])
+                set_adam_moments(zopt.optimizer, part, flat["exp_avg"], flat["exp_avg_sq"], opt_step)
+        self.engine.global_steps = schedule_step
+        self.engine.global_samples = schedule_step * self.engine.train_batch_size()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.last_epoch = schedule_step
+            self.lr_scheduler._step_count = schedule_step + 1
         self._apply_schedule()
 
     def _apply_schedule(self) -> None:

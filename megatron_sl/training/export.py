@@ -8,7 +8,9 @@ Owns the knowledge of where a checkpoint keeps each tensor-parallel rank's modul
 * per-layer engine: ``engine/per_layer_rank_XXXXX.pt``, key ``module``, per global rank (global
   ranks 0..tp-1 are data-parallel replica 0's TP ranks in megatron's rank order);
 * ZeRO-3 partitions the parameters into the optimizer shards and is refused with one message
-  (run DeepSpeed's ``zero_to_fp32`` on ``engine/ds`` first).
+  (run DeepSpeed's ``zero_to_fp32`` on ``engine/ds`` first);
+* a layout-free checkpoint (``engine/universal``, ``megatron-sl checkpoint convert``) is read with
+  ``checkpoint.reshard.read_universal``.
 
 ``read_checkpoint`` also takes the resolved config from ``client_state.pt`` and the SL support
 metadata each rank saved (``ranks/rank_XXXXX.pt``), which ``model.hf.gather_weights`` checks every
@@ -31,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..model.hf import ExportError, GlobalWeights, from_sl_tensors, gather_weights, hf_config_dict
-from .checkpoint.names import CLIENT_STATE, ENGINE_DIR, MANIFEST, RANKS_DIR
+from .checkpoint.names import CLIENT_STATE, ENGINE_DIR, MANIFEST, RANKS_DIR, recorded_world_size, resolve_checkpoint
 from .config import TrainConfig, from_dict
 
 SL_WEIGHTS = "sl_weights.safetensors"
@@ -51,22 +53,13 @@ class LoadedCheckpoint:
         return Path(self.cfg.data.tokenizer)
 
 
-def _resolve(path: Path) -> Path:
-    """A ``step_*`` directory, or a run / ``checkpoints`` directory (then its ``latest``)."""
-    path = Path(path)
-    for cand in (path, path / "checkpoints"):
-        latest = cand / "latest"
-        if not (cand / MANIFEST).is_file() and latest.is_file():
-            return cand / latest.read_text().strip()
-    return path
-
-
 def read_checkpoint(path) -> LoadedCheckpoint:
     """The whole model of checkpoint ``path`` (see the module docstring); ``ExportError`` names what is wrong."""
+    from .checkpoint.reshard import is_universal, read_universal
     from .config_checks import ConfigError, make_plan
     from ..parallel.variants import variant_sl_config
 
-    path = _resolve(Path(path))
+    path = resolve_checkpoint(Path(path))
     if not (path / MANIFEST).is_file():
         raise ExportError(f"{path} is not a committed megatron-sl checkpoint (no {MANIFEST}); pass a "
                           f"<run>/checkpoints/step_XXXXXXXX directory or a run directory")
@@ -76,11 +69,15 @@ def read_checkpoint(path) -> LoadedCheckpoint:
         raise ExportError(f"{path / CLIENT_STATE} holds no resolved config")
     cfg = from_dict(client["config"], source=str(path / CLIENT_STATE))
     try:
-        plan = make_plan(cfg, int(manifest["world_size"]), check_outputs=False, check_inputs=False)
+        plan = make_plan(cfg, recorded_world_size(path), check_outputs=False, check_inputs=False)
     except ConfigError as e:
         raise ExportError(f"{path}: the checkpoint's config does not validate: {e}") from None
     tp = plan.tp
     engine = path / ENGINE_DIR
+    sl_config = variant_sl_config(plan.sl_config, cfg.model.variant)
+    if is_universal(path):  # written by `megatron-sl checkpoint convert`: already merged over TP
+        weights = read_universal(path, plan.preset, sl_config).tensors["fp32"]
+        return LoadedCheckpoint(path, int(manifest["step"]), cfg, tp, weights)
     states = []
     if cfg.optim.per_layer:
         files = [engine / f"per_layer_rank_{r:05d}.pt" for r in range(tp)]
@@ -103,7 +100,6 @@ def read_checkpoint(path) -> LoadedCheckpoint:
         rank_file = path / RANKS_DIR / f"rank_{r:05d}.pt"
         support.append(torch.load(rank_file, map_location="cpu", weights_only=True)["sl_support"]
                        if rank_file.is_file() else {})
-    sl_config = variant_sl_config(plan.sl_config, cfg.model.variant)
     try:
         weights = gather_weights(states, plan.preset, sl_config, support)
     except KeyError as e:

@@ -13,6 +13,9 @@ ZeRO-2, TP=2). With a group of replicated parameters only, the buffer and its qu
 identical on every TP rank. The partial-gradient group is also what the engines sum over TP once per
 optimizer step: under ZeRO its flat gradient partition holds nothing else.
 
+``adam_moments`` / ``set_adam_moments``: one AdamW state entry as fp32 moments and back, whatever the
+storage (torch fp32, bitsandbytes 8-bit blockwise or its 32-bit fallback), for resharding.
+
 8-bit states: ``bitsandbytes.optim.AdamW8bit`` (runs on CPU and GPU, works as a DeepSpeed client
 optimizer under ZeRO 0-3 with exact checkpoint round trips; ~2.0-2.2 bytes of state per parameter).
 """
@@ -105,3 +108,68 @@ def state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> Tuple[int, int]:
                 if isinstance(v, torch.Tensor):
                     total += v.numel() * v.element_size()
     return total, numel
+
+
+# --------------------------------------------------------------------------------------------
+# Adam moments in fp32, whatever the storage (resharding a checkpoint onto another layout)
+# --------------------------------------------------------------------------------------------
+BNB_BLOCKSIZE = 256  # bitsandbytes' blockwise 8-bit optimizer states: one absmax per 256 elements
+_BNB_PACKED = "__bnb_optimizer_quant_state__"  # where bitsandbytes' state_dict() nests its 8-bit tensors
+
+
+def adam_moments(state: dict) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(exp_avg, exp_avg_sq, step) of one AdamW state entry as fp32 tensors: torch AdamW
+    (``exp_avg``/``exp_avg_sq``) or bitsandbytes (``state1``/``state2``: fp32 below ``min_8bit_size``,
+    else 8-bit codes dequantized block by block with their absmax and code map). Accepts a live
+    ``optimizer.state[p]`` or an entry of ``optimizer.state_dict()['state']``."""
+    st = dict(state)
+    st.update(st.pop(_BNB_PACKED, {}) or {})
+    step = st.get("step", 0)
+    step = int(step.item()) if isinstance(step, torch.Tensor) else int(step)
+    if "exp_avg" in st:
+        return st["exp_avg"].float(), st["exp_avg_sq"].float(), step
+    moments = []
+    for i in (1, 2):
+        s = st[f"state{i}"]
+        if s.dtype == torch.uint8:
+            import bitsandbytes.functional as bnbf
+
+            s = bnbf.dequantize_blockwise(s, absmax=st[f"absmax{i}"], code=st[f"qmap{i}"], blocksize=BNB_BLOCKSIZE)
+        moments.append(s.float())
+    return moments[0], moments[1], step
+
+
+@torch.no_grad()
+def set_adam_moments(opt: torch.optim.Optimizer, key: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                     step: int) -> None:
+    """Put fp32 moments (shaped like ``key``, the tensor ``opt`` steps) into ``opt``'s state for ``key``.
+    bitsandbytes 8-bit states are re-quantized block by block in this layout's blocks (not
+    bit-exact when the blocks differ from the writer's: each block gets a new absmax)."""
+    state = opt.state[key]
+    exp_avg = exp_avg.reshape(key.shape).to(device=key.device)
+    exp_avg_sq = exp_avg_sq.reshape(key.shape).to(device=key.device)
+    if hasattr(opt, "init_state"):  # bitsandbytes
+        if "state1" not in state:
+            gindex, group = next((i, g) for i, g in enumerate(opt.param_groups) if any(p is key for p in g["params"]))
+            pindex = next(j for j, p in enumerate(opt.param_groups[gindex]["params"]) if p is key)
+            opt.init_state(group, key, gindex, pindex)
+        for i, m in ((1, exp_avg), (2, exp_avg_sq)):
+            buf = state[f"state{i}"]
+            if buf.dtype == torch.uint8:
+                import bitsandbytes.functional as bnbf
+
+                bnbf.quantize_blockwise(m.float(), code=state[f"qmap{i}"], absmax=state[f"absmax{i}"], out=buf,
+                                        blocksize=BNB_BLOCKSIZE)
+            else:
+                buf.copy_(m)
+        state["step"] = int(step)
+        return
+    if "exp_avg" in state and state["exp_avg"].shape == key.shape:
+        state["exp_avg"].copy_(exp_avg)
+        state["exp_avg_sq"].copy_(exp_avg_sq)
+    else:
+        state["exp_avg"] = exp_avg.to(key.dtype).clone()
+        state["exp_avg_sq"] = exp_avg_sq.to(key.dtype).clone()
+    old = state.get("step")
+    state["step"] = (torch.tensor(float(step), dtype=old.dtype, device=old.device) if isinstance(old, torch.Tensor)
+                     else torch.tensor(float(step)))

@@ -42,7 +42,7 @@ from megatron.core import parallel_state as ps
 from ..parallel.grad_sync import allreduce_coalesced_, is_partial_tp_grad, tp_group_of
 from .config import TrainConfig
 from .grads import clip_coefficient, dp_average_, global_norm, squared_norm_parts
-from .optim import is_no_decay, make_optimizer, state_bytes
+from .optim import is_no_decay, make_optimizer, set_adam_moments, state_bytes
 from .schedule import WarmupCosine
 from .config_checks import Plan
 
@@ -188,6 +188,15 @@ class PerLayerEngine:
         for n, p in self.named:
             self.optimizers[p].load_state_dict(state["optimizer_states"][n])
         self.global_steps, self.micro_steps = state["global_steps"], state["micro_steps"]
+
+    @torch.no_grad()
+    def load_universal(self, local: dict, *, opt_step: int, schedule_step: int) -> None:
+        """This rank's slices of a resharded checkpoint (``training.checkpoint.reshard``): weights into
+        the parameters, moments into each parameter's optimizer, the update count into the schedule."""
+        for n, p in self.named:
+            p.copy_(local["fp32"][n])
+            set_adam_moments(self.optimizers[p], p, local["exp_avg"][n], local["exp_avg_sq"][n], opt_step)
+        self.global_steps, self.micro_steps = schedule_step, schedule_step * self.ga
 
 
 def _layer_prefix(name: str) -> str:

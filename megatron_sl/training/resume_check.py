@@ -6,13 +6,15 @@ torch. Before anything is launched or written, ``check_resume`` compares it with
 
 * a change to a key that alters what training means or breaks the checkpoint (``protected``: the
   model and SL settings, data prefix/tokenizer/split, seed, global batch, precision, optimizer
-  name/hyperparameters other than the schedule, parallel layout, ZeRO stage, DeepSpeed settings,
-  world size) is refused with one ``ConfigError`` unless ``run.allow_config_change`` (the CLI's
+  name/hyperparameters other than the schedule, sequence parallelism, DeepSpeed settings) is
+  refused with one ``ConfigError`` unless ``run.allow_config_change`` (the CLI's
   ``--allow-config-change KEY[,KEY]``) names the key or its section;
+* a change of the parallel layout (``LAYOUT_KEYS``: TP size, ZeRO stage, world size and so DP size)
+  is allowed: the checkpoint is resharded on resume (``training.checkpoint.reshard``) and the
+  returned lines say "resharding from TP=a DP=b ZeRO=z to ..."; only ZeRO-3 on either side is
+  refused (its partitions are not resharded);
 * any other change (lr, schedule, train_iters, clipping, intervals, keep_last, eval.*, ...) is
   allowed; the returned lines describe it and the trainer logs them.
-
-A changed world size can never be allowed (the per-rank checkpoint files would not match).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ PROTECTED_KEYS = frozenset({
     "optim.min_8bit_size", "world_size"})
 # keys inside a protected section that change no result (memory/speed only)
 UNPROTECTED_KEYS = frozenset({"model.recompute"})
-NEVER_ALLOWED = frozenset({"world_size"})
+# how the state is split over ranks: changed by resharding the checkpoint on resume
+LAYOUT_KEYS = frozenset({"parallel.tensor_parallel", "deepspeed.zero_stage", "world_size"})
 
 
 def is_protected(key: str) -> bool:
-    if key in UNPROTECTED_KEYS:
+    if key in UNPROTECTED_KEYS or key in LAYOUT_KEYS:
         return False
     return key in PROTECTED_KEYS or key.split(".", 1)[0] in PROTECTED_SECTIONS
 
@@ -88,9 +91,10 @@ def diff_configs(old: dict, new: dict) -> List[Tuple[str, Any, Any]]:
     return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
-def check_resume(cfg: TrainConfig, world_size: int) -> List[str]:
+def check_resume(cfg: TrainConfig, world_size: int, base_vocab: Optional[int] = None) -> List[str]:
     """Raise ``ConfigError`` for a protected change not allowed by ``run.allow_config_change``;
-    return one line per allowed change (empty when nothing changed or nothing is resumed)."""
+    return one line per allowed change (empty when nothing changed or nothing is resumed).
+    ``base_vocab``: the unpadded vocabulary, to refuse a layout change that changes its padding."""
     if not cfg.run.resume or cfg.run.overwrite:
         return []
     found = newest_checkpoint(cfg.run.output_dir)
@@ -101,16 +105,54 @@ def check_resume(cfg: TrainConfig, world_size: int) -> List[str]:
     new = dict(run_config_record(cfg, world_size)["config"], world_size=world_size)
     allow = list(cfg.run.allow_config_change)
     changes = diff_configs(old, new)
-    refused = [(k, o, n) for k, o, n in changes
-               if is_protected(k) and (k in NEVER_ALLOWED or not _allowed(k, allow))]
+    refused = [(k, o, n) for k, o, n in changes if is_protected(k) and not _allowed(k, allow)]
     if refused:
         what = ", ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in refused)
-        if any(k in NEVER_ALLOWED for k, _, _ in refused):
-            hint = "resuming with a different world size is not supported"
-        else:
-            hint = (f"rerun with --allow-config-change {','.join(k for k, _, _ in refused)} to accept "
-                    f"{'it' if len(refused) == 1 else 'them'}")
+        hint = (f"rerun with --allow-config-change {','.join(k for k, _, _ in refused)} to accept "
+                f"{'it' if len(refused) == 1 else 'them'}")
         raise ConfigError(f"resume from {path}: the config changes what training means ({what}); {hint}, use "
                           "another run.output_dir, or set run.overwrite=true to start over")
-    return [f"{k}: {o!r} -> {n!r}" for k, o, n in changes
-            if not k.startswith("run.allow_config_change")]
+    lines = [f"{k}: {o!r} -> {n!r}" for k, o, n in changes
+             if k not in LAYOUT_KEYS and not k.startswith("run.allow_config_change")]
+    if any(k in LAYOUT_KEYS for k, _, _ in changes):
+        before, after = _layout(old), _layout(new)
+        if before != after:
+            if "ZeRO=3" in (before + after) and not record.get("universal"):
+                what = ", ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes if k in LAYOUT_KEYS)
+                raise ConfigError(f"resume from {path}: the parallel layout changes ({what}; {before} -> {after}) and "
+                                  f"ZeRO-3 partitions are not resharded; resume at {before} or use ZeRO 0-2")
+            if base_vocab is not None:
+                _check_padding(path, old, new, base_vocab)
+            lines.insert(0, f"resharding from {before} to {after}")
+    return lines
+
+
+def _check_padding(path, old: dict, new: dict, base_vocab: int) -> None:
+    """A new TP size must keep the padded vocabulary (its extra rows are in the output softmax);
+    the message names the ``model.make_vocab_size_divisible_by`` that keeps it."""
+    from .config_checks import divisor_keeping_vocab, padded_vocab
+
+    def rows(config):
+        return padded_vocab(base_vocab, int(config["model"]["make_vocab_size_divisible_by"]),
+                            int(config["parallel"]["tensor_parallel"]))
+
+    before, after = rows(old), rows(new)
+    if before == after:
+        return
+    tp = int(new["parallel"]["tensor_parallel"])
+    old_multiple = int(old["model"]["make_vocab_size_divisible_by"]) * int(old["parallel"]["tensor_parallel"])
+    keep = divisor_keeping_vocab(base_vocab, before, tp, old_multiple, int(new["model"]["make_vocab_size_divisible_by"]))
+    fix = (f"add model.make_vocab_size_divisible_by={keep} --allow-config-change model.make_vocab_size_divisible_by "
+           f"to keep it" if keep else "no model.make_vocab_size_divisible_by keeps it at this TP size")
+    raise ConfigError(f"resume from {path}: resharding to TP={tp} changes the padded vocabulary from {before} to "
+                      f"{after} rows (model.make_vocab_size_divisible_by x TP; the extra rows are in the output "
+                      f"softmax); {fix}")
+
+
+def _layout(config: dict) -> str:
+    """``TP=a DP=b ZeRO=z`` (or ``per-layer``) of a config dict plus its ``world_size``."""
+    tp = int(config.get("parallel", {}).get("tensor_parallel", 1))
+    world = int(config.get("world_size") or tp)
+    optim, ds = config.get("optim", {}), config.get("deepspeed", {})
+    engine = "per-layer" if optim.get("per_layer") else f"ZeRO={ds.get('zero_stage')}"
+    return f"TP={tp} DP={world // tp} {engine}"

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from .batches import collate, eval_sample_start, masked_mean, per_token_loss, train_sample_start
 from .checkpoint.manager import CheckpointManager
 from .checkpoint.names import step_dirname
+from .checkpoint.reshard import Layout
 from .consistency import assert_identical_across_dp, count_params, replicated_mismatches
 from .config import TrainConfig, dump_config
 from .guards import Diverged, StepGuard, Watchdog
@@ -167,12 +168,29 @@ class Trainer:
         self.last_saved_step = None
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.run.keep_last)
         self.resumed_from = None
+        self.layout = Layout.of(cfg, plan.world_size)
         if cfg.run.resume:
-            client = self.ckpt.resume(self.engine, model=self.engine.module)
+            client = self.ckpt.resume(self.engine, model=self.engine.module, reshard=self._reshard)
             if client is not None:
                 self.step = self.last_saved_step = int(client["step"])
                 self.resumed_from = self.step
                 self.log(f"[ckpt] resumed from {self.ckpt.root / step_dirname(self.step)} at step {self.step}")
+
+    def _reshard(self, info, client: dict) -> bool:
+        """Load ``info`` through the layout-free form when it was written at another layout (or is
+        layout-free); False (load natively) when the layout is this run's."""
+        from .checkpoint.reshard import apply, is_universal, read_engine_state, saved_layout
+        from ..parallel.variants import variant_sl_config
+
+        source = saved_layout(client, info.manifest.get("world_size"))
+        if not is_universal(info.path) and source == self.layout:
+            return False
+        self.log(f"[ckpt] resharding {info.path.name} from {source or 'the layout-free form'} to {self.layout} "
+                 f"(weights, fp32 masters, AdamW moments, step and schedule carried; per-rank RNG streams restart)")
+        state = read_engine_state(info.path, source, self.plan.preset,
+                                  variant_sl_config(self.plan.sl_config, self.cfg.model.variant))
+        apply(state, self.engine, self.engine.module, self.plan.vocab_size)
+        return True
 
     # -- helpers ----------------------------------------------------------------------------
     def _lock_run_dir(self) -> Optional[RunLock]:
@@ -351,7 +369,7 @@ class Trainer:
         if self.last_saved_step == self.step:
             return str(path)
         client_state = {"step": self.step, "consumed_samples": self.step * self.plan.global_batch_size,
-                        "config": self.cfg.to_dict()}
+                        "config": self.cfg.to_dict(), "layout": self.layout.to_dict()}
         with self.monitor.checkpointing(self.step) as record:
             path = record.path = self.ckpt.save(
                 self.step, self.engine, client_state, model=self.engine.module,

@@ -14,6 +14,10 @@ SPEC is a list of cases ``{"name", "overrides": [...], "compare_with": optional 
 ``resume_from: [case, step]`` first copies that case's committed checkpoint ``step_<step>`` into
 this case's run directory (rank 0), so the case resumes from it exactly as a relaunch would.
 
+``convert_from: [case, step, tp]`` instead converts that checkpoint offline (rank 0, as
+``megatron-sl checkpoint convert --tp``) into this case's run directory, so the case resumes from
+the layout-free form.
+
 ``single_param_group`` is a negative control: it puts all parameters but the TP-partial ones (whose
 gradients the engine sums over TP in their own group) in ONE optimizer group (the configuration that
 lets bitsandbytes 8-bit states drift across TP ranks). ``count_tp_allreduce`` counts, during the run,
@@ -97,17 +101,32 @@ def main(spec_path: str, out_dir: str) -> int:
             overrides = list(case["overrides"]) + [f"run.output_dir={out / name}", "run.progress_bar=false"]
             cfg = load_config(REPO / "configs" / "tiny_sl.yaml", overrides)
             plan = make_plan(cfg, rank_env().world_size, check_outputs=False)
-            if case.get("resume_from"):
-                src_case, src_step = case["resume_from"]
-                if rank_env().rank == 0:
-                    import shutil
+            failed = None
+            if rank_env().rank == 0 and (case.get("resume_from") or case.get("convert_from")):
+                try:  # rank 0 prepares the run directory; a failure must not leave rank 1 in the barrier
+                    if case.get("resume_from"):
+                        import shutil
 
-                    name_ = f"step_{int(src_step):08d}"
-                    dst = out / name / "checkpoints"
-                    dst.mkdir(parents=True, exist_ok=True)
-                    shutil.copytree(out / src_case / "checkpoints" / name_, dst / name_)
-                    (dst / "latest").write_text(name_ + "\n")
-                dist.barrier()
+                        src_case, src_step = case["resume_from"]
+                        name_ = f"step_{int(src_step):08d}"
+                        dst = out / name / "checkpoints"
+                        dst.mkdir(parents=True, exist_ok=True)
+                        shutil.copytree(out / src_case / "checkpoints" / name_, dst / name_)
+                        (dst / "latest").write_text(name_ + "\n")
+                    else:
+                        from megatron_sl.training.checkpoint.convert import convert
+
+                        src_case, src_step, tp = case["convert_from"]
+                        convert(out / src_case / "checkpoints" / f"step_{int(src_step):08d}", out / name, int(tp))
+                except Exception:  # noqa: BLE001 -- reported below, after the barrier
+                    failed = traceback.format_exc()
+            box = [failed]
+            if case.get("resume_from") or case.get("convert_from"):
+                if not dist.is_initialized():  # the first case (the Trainer initialises it otherwise)
+                    dist.init_process_group("gloo")
+                dist.broadcast_object_list(box, src=0)
+            if box[0] is not None:
+                raise RuntimeError(f"preparing the run directory failed on rank 0:\n{box[0]}")
             if case.get("single_param_group"):
                 def one_group(model, wd):
                     partial = [p for p in model.parameters() if optim_mod.tp_kind(p) == optim_mod.PARTIAL_GROUP]

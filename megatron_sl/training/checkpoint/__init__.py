@@ -11,7 +11,9 @@ pipeline and the launcher's checks):
 * ``errors`` -- ``CheckpointError`` / ``CheckpointWarning``;
 * ``rank_state`` -- per-rank RNG streams and SL support metadata;
 * ``adapters`` -- engine adapters (DeepSpeed engine, plain state dicts, ``save_state``/``load_state``);
-* ``manager`` -- ``CheckpointManager``: the save protocol, verification, pruning and resume.
+* ``manager`` -- ``CheckpointManager``: the save protocol, verification, pruning and resume;
+* ``reshard`` -- resume on another TP / DP / ZeRO layout through DeepSpeed's universal form with
+  the SL layers' TP rule; ``convert`` -- the same offline (``megatron-sl checkpoint convert``).
 """
 
 from __future__ import annotations

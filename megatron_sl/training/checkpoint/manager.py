@@ -61,7 +61,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,10 +99,13 @@ class CheckpointInfo:
 # --------------------------------------------------------------------------------------------
 # communication: torch.distributed when initialised, else a single process
 # --------------------------------------------------------------------------------------------
+LOCAL = "local"  # CheckpointManager(group=LOCAL): this process alone, even inside a process group (offline tools)
+
+
 class _Comm:
     def __init__(self, group=None):
         self.group = group
-        self.on = dist.is_available() and dist.is_initialized()
+        self.on = group != LOCAL and dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.on else 0
         self.world = dist.get_world_size(group) if self.on else 1
 
@@ -135,7 +138,8 @@ class CheckpointManager:
 
     ``keep_last``: number of newest complete checkpoints kept (>= 1). ``checksum``: "sha256" or
     "crc32". ``verify``: "checksum" (re-hash on resume) or "size" (sizes only, for huge runs where
-    re-reading every shard costs too much). ``group``: the process group of all ranks (default: world).
+    re-reading every shard costs too much). ``group``: the process group of all ranks (default: world;
+    ``LOCAL``: this process alone, for offline tools run inside a process group).
     Every rank must call ``save``/``find_resumable``/``load`` collectively.
     """
 
@@ -504,12 +508,26 @@ class CheckpointManager:
         return None
 
     def load(self, info: CheckpointInfo, engine_or_state_fns, *, model: Optional[torch.nn.Module] = None,
-             restore_rng: bool = True) -> dict:
+             restore_rng: bool = True, reshard: Optional[Callable[[CheckpointInfo, dict], bool]] = None) -> dict:
         """Load ``info`` into the engine (collective); checks world size and SL support metadata
-        first, restores this rank's RNG states last; returns the client state."""
+        first, restores this rank's RNG states last; returns the client state.
+
+        ``reshard(info, client_state)``: called first on every rank; it returns True when it loaded
+        the checkpoint itself (written at another parallel layout, or layout-free; see ``reshard``),
+        then the engine files and per-rank RNG states of the old layout are not used."""
         comm = _Comm(self.group)
         state_io = as_state_io(engine_or_state_fns)
         model = model if model is not None else getattr(state_io, "module", None)
+        if reshard is not None:
+            try:
+                client_state = read_client_state(info.path)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {info.path}: cannot read {e}") from e
+            if reshard(info, client_state):
+                comm.barrier()
+                return client_state
         saved_world = info.manifest.get("world_size")
         if saved_world != comm.world:
             raise CheckpointError(f"checkpoint {info.path} was written by {saved_world} ranks, this run has "
@@ -529,10 +547,11 @@ class CheckpointManager:
         comm.barrier()
         return client_state
 
-    def resume(self, engine_or_state_fns, *, model: Optional[torch.nn.Module] = None) -> Optional[dict]:
+    def resume(self, engine_or_state_fns, *, model: Optional[torch.nn.Module] = None,
+               reshard: Optional[Callable[[CheckpointInfo, dict], bool]] = None) -> Optional[dict]:
         """``find_resumable`` + ``load``: the client state of the resumed checkpoint, or None (fresh run)."""
         info = self.find_resumable()
         if info is None:
             return None
-        return self.load(info, engine_or_state_fns, model=model)
+        return self.load(info, engine_or_state_fns, model=model, reshard=reshard)
 

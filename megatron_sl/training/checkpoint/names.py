@@ -2,9 +2,9 @@
 and the export before any rank starts).
 
 Layout under ``<run_dir>/checkpoints/``: ``latest`` / ``last_good`` pointers and one ``step_XXXXXXXX``
-directory per checkpoint holding ``engine/`` (this layout's engine files) or ``universal/`` (the
-layout-free form written by ``megatron-sl checkpoint convert``), ``ranks/rank_XXXXX.pt``,
-``client_state.pt``, ``run_config.json`` and ``manifest.json``.
+directory per checkpoint holding ``engine/`` (the writing layout's engine files, or
+``engine/universal/``: the layout-free form written by ``megatron-sl checkpoint convert``),
+``ranks/rank_XXXXX.pt``, ``client_state.pt``, ``run_config.json`` and ``manifest.json``.
 
 Two format tags are written and checked on read: ``FORMAT`` in ``manifest.json`` (the directory
 layout and manifest) and ``CLIENT_FORMAT`` in ``client_state.pt`` (the run position and what it
@@ -59,3 +59,29 @@ def format_problem(found, expected: str, what: str) -> Optional[str]:
     if isinstance(found, str) and found.startswith(family + "/"):
         return f"{what} has format version {found!r}; this version of megatron-sl reads {expected!r}"
     return f"{what} is not a {expected} file (format tag {found!r})"
+
+
+def resolve_checkpoint(path) -> Path:
+    """A ``step_*`` directory, or a run / ``checkpoints`` directory (then the one its ``latest`` names)."""
+    path = Path(path)
+    for cand in (path, path / CHECKPOINTS_DIR):
+        latest = cand / LATEST
+        if not (cand / MANIFEST).is_file() and latest.is_file():
+            return cand / latest.read_text().strip()
+    return path
+
+
+def recorded_world_size(checkpoint: Path) -> int:
+    """The world size a checkpoint is recorded for: ``run_config.json``'s (a converted checkpoint is
+    written by one process for another layout), else the manifest's (the writing ranks)."""
+    import json
+
+    checkpoint = Path(checkpoint)
+    for name in (RUN_CONFIG, MANIFEST):
+        try:
+            world = json.loads((checkpoint / name).read_text()).get("world_size")
+        except (OSError, ValueError):
+            continue
+        if world is not None:
+            return int(world)
+    raise FileNotFoundError(f"{checkpoint} records no world size (no readable {RUN_CONFIG} or {MANIFEST})")
