@@ -172,14 +172,15 @@ def headline(rows: list) -> list:
                 out.append(f"- {kind} fidelity: {r['variant']} validation ppl {r['validation ppl']} = "
                            f"{r['ppl / full-rank']}× full-rank at {r['tokens']} tokens (paper, 60M: "
                            f"{r['paper, LLaMA 60M on C4 (1.1 B tokens)']})")
-        train = [r for r in rows_of("train", kind) if r.get("variant") == "sl" and "vs dense" in r]
+        train = [r for r in rows_of("train", kind) if r.get("variant") == "sl" and "preset" in r and "vs dense" in r]
         for r in train:
             out.append(f"- {kind} training step, {r['preset']}: SL tokens/s = {r['vs dense']} dense "
                        f"({r['tokens/s']} tokens/s)")
-        for r in rows_of("train-tp2", kind):
-            if r.get("run") == "sl_after":
-                out.append(f"- {kind} TP=2, GA=4: SL tokens/s = {r['vs dense']}× dense; "
-                           f"{r['TP grad all-reduces / step']} TP gradient all-reduces per step")
+        tp2 = {r.get("run"): r for r in rows_of("train-tp2", kind)}
+        if "sl_after" in tp2 and "dense" in tp2:
+            sl, dense = tp2["sl_after"], tp2["dense"]
+            out.append(f"- {kind} TP=2, GA=4: SL tokens/s = {sl['vs dense']}× dense; TP gradient-like all-reduces "
+                       f"per step: SL {sl['TP grad all-reduces / step']}, dense {dense['TP grad all-reduces / step']}")
         mem = [r for r in rows_of("memory", kind) if r.get("error", "").endswith("%")]
         if mem:
             worst = max(mem, key=lambda r: abs(float(r["error"].rstrip("%"))))
