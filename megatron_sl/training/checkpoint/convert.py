@@ -27,7 +27,7 @@ def convert(src, out, tp: int, dp: Optional[int] = None, *, overwrite: bool = Fa
     ``CheckpointError`` / ``ConfigError`` name what is wrong; nothing is written then."""
     from ...parallel.variants import variant_sl_config
     from ..config import ConfigError, from_dict
-    from ..validate import divisor_keeping_vocab, make_plan
+    from ..config_checks import divisor_keeping_vocab, make_plan
     from .adapters import StateFns
     from .manager import LOCAL, CheckpointManager, read_client_state
     from .reshard import Layout, read_engine_state, saved_layout, write_universal
