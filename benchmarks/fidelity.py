@@ -139,7 +139,7 @@ def train_all(args, runs) -> None:
     stopped, wait, stop the losers of the halving as it is decided, SIGUSR1 all at the deadline."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     procs = {}
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs start in the repository root, whatever the caller's directory
     for name, cfg in runs.items():
         run_dir = Path(cfg["run"]["output_dir"])
         if finished(run_dir, cfg["train"]["train_iters"]) or name in halved(runs, args.halve_at):
