@@ -69,8 +69,12 @@ def machine() -> dict:
     return {"device_kind": "GPU" if gpu else "CPU",
             "device": torch.cuda.get_device_name() if gpu else f"CPU: {cpu}, {os.cpu_count()} cores",
             "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            # the 1-minute load average when the benchmark started: CPU timings on a busy machine are noisy
-            "load": f"{os.getloadavg()[0]:.1f}"}
+            "load": load_average()}
+
+
+def load_average() -> str:
+    """The 1-minute load average when a benchmark starts: CPU timings on a busy machine are noisy."""
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def commit() -> str:
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
         failed = []
         for name in names:
             try:
-                info["load"] = machine()["load"]
+                info["load"] = load_average()
                 out = run_bench(name, args.quick, [])
             except RuntimeError as e:
                 print(f"[bench] {e}", file=sys.stderr, flush=True)
