@@ -7,7 +7,7 @@ Ops (namespace ``megatron_sl``), defined here whatever else is imported:
 * ``sddmm(dy, x, idx, backend="auto") -> g``: g_k = Σ_t dy[t, row_k]·x[t, col_k] for dy = dY
   (T x out), x = X (T x in): the values' gradient without forming grad W;
 * ``spmm_accumulate(out!, dense, idx, values, transpose) -> ()``: out += dense @ Sᵀ (or @ S when
-  ``transpose``), the sparse products of the factored path (CSR, torch only).
+  ``transpose``), the sparse products of the factored path.
 
 Every op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces through
 both execution paths of the SL linear, and ``densify`` / ``sddmm`` have autograd formulas (plain
@@ -18,7 +18,8 @@ accelerated implementation is selected for the call: ``implementation(name, devi
 asks the accelerator module ``ACCELERATOR_MODULE`` (``megatron_sl.kernels``), looked up by name with
 ``importlib`` at call time -- core never imports it at import time (layering: core <- kernels) --
 whose ``select`` returns the Triton launcher (CUDA tensors by default; CPU tensors only when Triton
-is forced under the interpreter) or None. So the dispatch is the same whatever was imported, and in
+is forced under the interpreter), the numba CPU kernel (sddmm and spmm_accumulate on CPU tensors)
+or None. So the dispatch is the same whatever was imported, and in
 whichever order: ``from megatron_sl.core import SLLinear`` on a GPU runs the Triton kernels. Only an
 explicit ``backend="torch"`` skips the lookup.
 """
@@ -39,7 +40,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def implementation(name: str, device_type: str, backend: str = "auto") -> Optional[Callable]:
-    """The accelerated implementation of primitive ``name`` ("densify", "sddmm") for tensors on
+    """The accelerated implementation of primitive ``name`` ("densify", "sddmm", "spmm_accumulate") for tensors on
     ``device_type``, or None when the torch reference runs. Raises for an unknown or impossible
     ``backend`` (see ``megatron_sl.kernels.settings``)."""
     if backend == "torch":
@@ -184,8 +185,13 @@ def spmm_accumulate(out: Tensor, dense: Tensor, idx: Tensor, values: Tensor, tra
     forward and backward (no autograd formula of its own)."""
     check_spmm_args(out, dense, idx, values, transpose)
     m, n = (dense.shape[1], out.shape[1]) if transpose else (out.shape[1], dense.shape[1])
-    if idx.shape[0]:
+    impl = implementation("spmm_accumulate", dense.device.type)
+    if not idx.shape[0]:
+        return
+    if impl is None:
         spmm_accumulate_reference(out, SupportLayout(idx, m, n), values, dense, transpose)
+    else:
+        impl(out, dense, idx, values, transpose)
 
 
 @spmm_accumulate.register_fake

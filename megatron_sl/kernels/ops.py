@@ -1,16 +1,17 @@
-"""The Triton implementations of core's SL custom ops, and how core finds them.
+"""The accelerated implementations of core's SL custom ops, and how core finds them.
 
-The ops themselves (``megatron_sl::densify``, ``megatron_sl::sddmm``, with their fake
-implementations and autograd formulas) are defined in ``megatron_sl.core.ops`` and re-exported
-here. Their kernel asks this package, by module name at call time, for an accelerated
-implementation: ``select(name, device_type, backend)`` returns ``triton_densify`` /
-``triton_sddmm`` when ``settings.resolve_backend`` picks Triton for the call (CUDA tensors by
-default; CPU tensors only when Triton is forced under the interpreter, ``TRITON_INTERPRET=1``),
-else None (the core torch reference). Nothing is registered or patched on import, so the dispatch
-does not depend on what was imported first.
+The ops themselves (``megatron_sl::densify``, ``megatron_sl::sddmm``,
+``megatron_sl::spmm_accumulate``, with their fake implementations and autograd formulas) are
+defined in ``megatron_sl.core.ops`` and re-exported here. Their kernel asks this package, by module
+name at call time, for an accelerated implementation: ``select(name, device_type, backend)``
+returns the implementation of the backend that ``settings.resolve_backend`` picks for the call --
+Triton (``triton_densify`` / ``triton_sddmm``: CUDA tensors by default, CPU tensors only when
+forced under the interpreter, ``TRITON_INTERPRET=1``) or numba (``cpu_kernels``: the factored
+path's SpMM and SDDMM on CPU tensors) -- or None (the core torch reference). Nothing is registered
+or patched on import, so the dispatch does not depend on what was imported first.
 
 The values_grad gather of the dense path stays the core reference (it reads the grad W that the
-dense path needs anyway for dB and dA), and the factored path's CSR products stay torch.
+dense path needs anyway for dB and dA); on CUDA the factored path's SpMM stays torch's CSR product.
 """
 
 from __future__ import annotations
@@ -38,18 +39,33 @@ def triton_sddmm(dy, x, idx):
     return _triton().sddmm(dy, x, idx, settings.sddmm_blocks())
 
 
-IMPLEMENTATIONS = {"densify": triton_densify, "sddmm": triton_sddmm}
+def numba_spmm_accumulate(out, dense, idx, values, transpose):
+    """out += dense @ Sᵀ (or @ S) with the numba CPU kernel (imports numba on first use)."""
+    from . import cpu_kernels
+    cpu_kernels.spmm_accumulate(out, dense, idx, values, transpose)
+
+
+def numba_sddmm(dy, x, idx):
+    """g_k = Σ_t dy[t,row_k]·x[t,col_k] with the numba CPU kernel."""
+    from . import cpu_kernels
+    return cpu_kernels.sddmm(dy, x, idx)
+
+
+IMPLEMENTATIONS = {
+    "triton": {"densify": triton_densify, "sddmm": triton_sddmm},
+    "numba": {"sddmm": numba_sddmm, "spmm_accumulate": numba_spmm_accumulate},
+}
+PRIMITIVES = ("densify", "sddmm", "spmm_accumulate")
 
 
 def select(name: str, device_type: str, backend: str = "auto") -> Optional[Callable]:
-    """The Triton implementation of primitive ``name`` when ``backend`` resolves to Triton for
-    tensors on ``device_type``, else None (core runs its torch reference). Raises ValueError for
-    an unknown backend and RuntimeError for an impossible one (``settings.resolve_backend``)."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"no accelerated implementation of {name!r}; known: {sorted(IMPLEMENTATIONS)}")
-    if settings.resolve_backend(device_type, backend) == "triton":
-        return IMPLEMENTATIONS[name]
-    return None
+    """The implementation of primitive ``name`` by the backend that ``backend`` resolves to for
+    tensors on ``device_type``, or None when that is the torch reference or the backend has no
+    implementation of ``name`` (core runs its torch reference). Raises ValueError for an unknown
+    primitive or backend and RuntimeError for an impossible one (``settings.resolve_backend``)."""
+    if name not in PRIMITIVES:
+        raise ValueError(f"no primitive {name!r}; known: {list(PRIMITIVES)}")
+    return IMPLEMENTATIONS.get(settings.resolve_backend(device_type, backend), {}).get(name)
 
 
 def index_report(layout, device) -> dict:

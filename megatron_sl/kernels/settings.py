@@ -1,12 +1,16 @@
-"""Which implementation runs the SL primitives (Triton or the torch reference), and with what blocks.
+"""Which implementation runs the SL primitives (Triton, numba or the torch reference), and with what blocks.
 
 One source of truth for the kernel settings:
 
-* backend: ``"auto"`` (Triton on CUDA tensors, the torch reference everywhere else), ``"triton"``
-  or ``"torch"``. Precedence: an explicit ``backend=`` argument of an op > ``set_backend()`` /
+* backend: ``"auto"``, ``"triton"``, ``"numba"`` or ``"torch"``. ``"auto"`` is Triton on CUDA
+  tensors; on CPU tensors the numba kernels (``cpu_kernels``) when torch runs one intra-op thread
+  (how every rank of a CPU run is set up), else the torch reference, whose MKL sparse products are
+  threaded. Precedence: an explicit ``backend=`` argument of an op > ``set_backend()`` /
   ``use_backend()`` > the environment variable ``MEGATRON_SL_KERNELS`` > ``"auto"``.
   Forcing ``"triton"`` on CPU tensors works only when the Triton kernels were imported under
-  ``TRITON_INTERPRET=1`` (the interpreter is how CPU tests exercise them); otherwise it raises.
+  ``TRITON_INTERPRET=1`` (the interpreter is how CPU tests exercise them); forcing ``"numba"``
+  works on CPU tensors only; otherwise they raise. A backend without an implementation of some
+  primitive runs the torch reference for it (numba has no densify; Triton no SpMM).
 * block sizes of the two kernels (``DensifyBlocks`` / ``SddmmBlocks``): GPU defaults are fixed
   here (and compiled ahead of time for sm_80/sm_90 by ``kernels/aot_compile.py``); under the
   interpreter the defaults are large because interpreter cost grows with the number of programs.
@@ -21,8 +25,10 @@ import os
 import sys
 from typing import Optional
 
+import torch
+
 ENV_BACKEND = "MEGATRON_SL_KERNELS"
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "numba", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +101,18 @@ def interpreter_active() -> bool:
 
 
 def resolve_backend(device_type: str, requested: str = "auto") -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device_type``; raises for an impossible request."""
+    """``"triton"``, ``"numba"`` or ``"torch"`` for tensors on ``device_type``; raises for an
+    impossible request."""
     name = _validate_backend(requested, "backend")
     if name == "auto":
         name = configured_backend()
     if name == "auto":
-        return "triton" if device_type == "cuda" else "torch"
+        if device_type == "cuda":
+            return "triton"
+        return "numba" if device_type == "cpu" and torch.get_num_threads() == 1 else "torch"
+    if name == "numba" and device_type != "cpu":
+        raise RuntimeError(f"backend 'numba' was forced for {device_type} tensors: the numba kernels run on CPU "
+                           "tensors only")
     if name == "triton" and device_type != "cuda":
         if device_type != "cpu" or not interpreter_active():
             raise RuntimeError(

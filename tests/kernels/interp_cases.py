@@ -80,7 +80,7 @@ def test_interpreter_in_use():
     assert settings.resolve_backend("cpu") == "triton"
     assert K.select("densify", "cpu") is K.triton_densify  # forced Triton reaches core's ops
     with K.use_backend(None):
-        assert settings.resolve_backend("cpu") in ("torch", "triton")  # env decides; default auto -> torch
+        assert settings.resolve_backend("cpu") in ("numba", "torch", "triton")  # env decides; auto -> numba
 
 
 # 2 ---------------------------------------------------------------------------------------------

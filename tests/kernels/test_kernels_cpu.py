@@ -37,8 +37,16 @@ HERE = Path(__file__).resolve().parent
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv(settings.ENV_BACKEND, raising=False)
     with K.use_backend(None):
-        assert settings.resolve_backend("cpu") == "torch"
+        assert torch.get_num_threads() == 1  # the suite runs with OMP_NUM_THREADS=1, like every CPU rank
+        assert settings.resolve_backend("cpu") == "numba"
         assert settings.resolve_backend("cuda") == "triton"
+        torch.set_num_threads(2)  # MKL's CSR products are threaded, the numba kernels are not
+        try:
+            assert settings.resolve_backend("cpu") == "torch"
+        finally:
+            torch.set_num_threads(1)
+        with pytest.raises(RuntimeError, match="'numba' was forced for cuda tensors"):
+            settings.resolve_backend("cuda", "numba")
         monkeypatch.setenv(settings.ENV_BACKEND, "torch")
         assert settings.resolve_backend("cuda") == "torch"
         with K.use_backend("triton"):  # the setting beats the env var
@@ -74,19 +82,26 @@ def test_block_settings_are_validated():
 # 2 ---------------------------------------------------------------------------------------------
 
 def test_dispatch_does_not_depend_on_imports():
-    """core's ops find the Triton implementation by module name when they run: importing only
-    megatron_sl.core (no kernels, nothing patched) gives the same dispatch as importing the kernels
-    first; CUDA tensors get Triton, CPU tensors the torch reference."""
+    """core's ops find the accelerated implementations by module name when they run: importing
+    only megatron_sl.core (no kernels, nothing patched) gives the same dispatch as importing the
+    kernels first; CUDA tensors get Triton, CPU tensors (one torch thread) the numba kernels for the
+    sparse products and the torch reference for densify."""
     code = (
         "import sys, torch\n"
+        "torch.set_num_threads(1)\n"
         "from megatron_sl.core import SLLinear, ops\n"
         "assert 'megatron_sl.kernels' not in sys.modules\n"
-        "first = {(n, d): ops.implementation(n, d) for n in ('densify', 'sddmm') for d in ('cuda', 'cpu')}\n"
+        "names = ('densify', 'sddmm', 'spmm_accumulate')\n"
+        "first = {(n, d): ops.implementation(n, d) for n in names for d in ('cuda', 'cpu')}\n"
         "import megatron_sl.kernels as K\n"
-        "assert first == {(n, d): ops.implementation(n, d) for n in ('densify', 'sddmm') for d in ('cuda', 'cpu')}\n"
+        "from megatron_sl.kernels import ops as kops\n"
+        "assert first == {(n, d): ops.implementation(n, d) for n in names for d in ('cuda', 'cpu')}\n"
         "assert first[('densify', 'cuda')] is K.triton_densify and first[('sddmm', 'cuda')] is K.triton_sddmm\n"
-        "assert first[('densify', 'cpu')] is None and first[('sddmm', 'cpu')] is None\n"
+        "assert first[('spmm_accumulate', 'cuda')] is None and first[('densify', 'cpu')] is None\n"
+        "assert first[('sddmm', 'cpu')] is kops.numba_sddmm\n"
+        "assert first[('spmm_accumulate', 'cpu')] is kops.numba_spmm_accumulate\n"
         "assert 'megatron_sl.kernels.triton_kernels' not in sys.modules  # triton stays lazy\n"
+        "assert 'numba' not in sys.modules  # so does numba\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k not in (settings.ENV_BACKEND, "TRITON_INTERPRET")}
     proc, log = _run([sys.executable, "-c", code], env, timeout=300)
