@@ -58,17 +58,32 @@ def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: flo
     return y if bias is None else y + bias
 
 
-def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
-                  needs=(True, True, True, True)):
-    """(dx, dB, dA, dvalues) for dy [T, out] and the saved x [T, in]; entries whose ``needs`` flag
-    (x, B, A, values) is False are None. Nothing with out x in elements outlives this call."""
-    need_x, need_B, need_A, need_v = needs
+def backward_input_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
+                        need_x: bool = True, need_A: bool = True):
+    """The first half of ``backward_math``: (dx, carry). dx (None unless ``need_x``) is ready to be
+    reduced over tensor-parallel ranks while ``backward_weight_math`` computes the weight gradients
+    from ``carry`` (the factored path's dz = s·dY B, computed once for dx and dA)."""
+    dy = dy.contiguous()
+    if path == "dense":
+        return (dy @ _densify(B, A, values, layout.flat(x.device), scale) if need_x else None), None
+    dz = torch.mm(dy, B).mul_(scale) if (need_x or need_A) else None
+    dx = None
+    if need_x:
+        dx = dz @ A
+        if layout.nnz:
+            _spmm_accumulate(dx, layout, values, dy, transpose=True)
+    return dx, dz
+
+
+def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
+                         needs=(True, True, True), carry=None):
+    """The second half of ``backward_math``: (dB, dA, dvalues), None where ``needs`` (B, A, values)
+    is False; ``carry`` is what ``backward_input_math`` returned."""
+    need_B, need_A, need_v = needs
     s = scale
     dy = dy.contiguous()
-    dx = dB = dA = dv = None
+    dB = dA = dv = None
     if path == "dense":
-        if need_x:
-            dx = dy @ _densify(B, A, values, layout.flat(x.device), s)
         if need_B or need_A or need_v:
             G = dy.t() @ x
             if need_v:
@@ -78,20 +93,25 @@ def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale
             if need_A:
                 dA = torch.mm(B.t(), G).mul_(s)
             del G
-        return dx, dB, dA, dv
-    dz = torch.mm(dy, B).mul_(s) if (need_x or need_A) else None
+        return dB, dA, dv
     if need_B:
         dB = torch.mm(dy.t(), x @ A.t()).mul_(s)
     if need_A:
+        dz = carry if carry is not None else torch.mm(dy, B).mul_(s)
         dA = dz.t() @ x
-    if need_x:
-        dx = dz @ A
-        if layout.nnz:
-            _spmm_accumulate(dx, layout, values, dy, transpose=True)
     if need_v:
         dv = (torch.ops.megatron_sl.sddmm(dy, x, layout.flat(x.device)).to(values.dtype) if layout.nnz
               else torch.zeros_like(values))
-    return dx, dB, dA, dv
+    return dB, dA, dv
+
+
+def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
+                  needs=(True, True, True, True)):
+    """(dx, dB, dA, dvalues) for dy [T, out] and the saved x [T, in]; entries whose ``needs`` flag
+    (x, B, A, values) is False are None. Nothing with out x in elements outlives this call."""
+    need_x, need_B, need_A, need_v = needs
+    dx, carry = backward_input_math(path, dy, x, B, A, values, layout, scale, need_x, need_A)
+    return (dx, *backward_weight_math(path, dy, x, B, A, values, layout, scale, (need_B, need_A, need_v), carry))
 
 
 def choose(path: str, tokens: int, layout: "SupportLayout", rank: int, device_type: str) -> str:

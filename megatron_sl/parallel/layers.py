@@ -15,8 +15,9 @@ fc2 = down. Every part is an ``SLShard`` with its own B, A and support.
 Sharding and gradients:
 
 * column-parallel: B, S and the bias are split by output rows, A is replicated. The input is
-  all-gathered along the sequence (sequence parallel) or entered with
-  ``copy_to_tensor_model_parallel_region`` (dX all-reduced).
+  all-gathered along the sequence (sequence parallel) or used as given; dX is all-reduced (or
+  reduce-scattered along the sequence) asynchronously while the weight gradients are computed,
+  as megatron's ColumnParallelLinear does (``_ColumnSL``).
 * row-parallel: A and S are split by input columns, B and the bias are replicated. The partial
   output is all-reduced (or reduce-scattered along the sequence).
 
@@ -40,7 +41,6 @@ from torch import nn
 
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -48,7 +48,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_sl.core.config import SLConfig
-from megatron_sl.core.functional import backward_math, choose, forward_math, sl_linear
+from megatron_sl.core.functional import backward_input_math, backward_weight_math, choose, forward_math, sl_linear
 
 from .grad_sync import mark_partial_tp_grad
 from .layout import glu_layout, local_rows, qkv_layout, single_layout
@@ -94,26 +94,24 @@ def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """[s, ...] partial sums on every rank -> this rank's [s/tp, ...] of the sum."""
-    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
-    return out
+class _ColumnSL(torch.autograd.Function):
+    """All SL parts of one column-parallel layer in one Function, as megatron-core's
+    ColumnParallelLinear (``LinearWithGradAccumulationAndAsyncCommunication``) runs.
 
+    Forward takes the input as the layer gets it ([s, b, in]; under sequence parallel the shard
+    [s/tp, b, in], all-gathered here) and writes each part's outputs straight to their columns of
+    megatron's local layout (``positions``): no concatenation or permutation of the output. Only
+    the input as given is saved (under sequence parallel backward all-gathers it again).
 
-class _SequenceParallelColumnSL(torch.autograd.Function):
-    """All SL parts of one column-parallel layer under sequence parallelism, in one Function.
-
-    Like megatron-core's ColumnParallelLinear with ``sequence_parallel``: forward all-gathers the
-    sequence-sharded input [s/tp, b, in] and computes every part; only the local shard is saved,
-    backward all-gathers it again, and the input gradient summed over the parts is reduce-scattered
-    back to [s/tp, b, in]. Each part's outputs go straight to their columns of megatron's local
-    layout (``positions``), so no permutation index is saved either.
+    Backward computes the input gradient of every part first, starts its all-reduce over TP (its
+    reduce-scatter along the sequence under sequence parallel) asynchronously, computes the weight
+    gradients while it runs, then waits: the order megatron uses to overlap the dgrad collective
+    with the wgrad GEMMs. ``group`` None (TP=1) issues no collective.
     """
 
     @staticmethod
-    def forward(ctx, x_local, group, parts, scale, path, out_features, *params):
-        x_full = _all_gather_seq(x_local, group)
+    def forward(ctx, x_in, group, sequence_parallel, parts, scale, path, out_features, *params):
+        x_full = _all_gather_seq(x_in, group) if sequence_parallel else x_in
         lead = x_full.shape[:-1]
         x2 = x_full.reshape(-1, x_full.shape[-1])
         y = x2.new_empty((x2.shape[0], out_features))
@@ -123,29 +121,45 @@ class _SequenceParallelColumnSL(torch.autograd.Function):
             pth = choose(path, x2.shape[0], layout, A.shape[0], x2.device.type)
             paths.append(pth)
             y.index_copy_(1, positions, forward_math(pth, x2, B, A, values, layout, scale))
-        ctx.save_for_backward(x_local, *params)
-        ctx.group, ctx.parts, ctx.scale, ctx.paths = group, parts, scale, paths
+        ctx.save_for_backward(x_in, *params)
+        ctx.group, ctx.sequence_parallel, ctx.parts, ctx.scale, ctx.paths = group, sequence_parallel, parts, scale, paths
         return y.reshape(*lead, out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x_local, *params = ctx.saved_tensors
-        x_full = _all_gather_seq(x_local, ctx.group)
+        x_in, *params = ctx.saved_tensors
+        group = ctx.group
+        x_full = _all_gather_seq(x_in, group) if ctx.sequence_parallel else x_in
         lead = x_full.shape[:-1]
         x2 = x_full.reshape(-1, x_full.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx, grads = None, []
+        need_x = ctx.needs_input_grad[0]
+        dys, carries, dx = [], [], None
         for i, ((layout, positions), pth) in enumerate(zip(ctx.parts, ctx.paths)):
             B, A, values = params[3 * i:3 * i + 3]
-            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[6 + 3 * i:9 + 3 * i])
-            dxi, dB, dA, dv = backward_math(pth, dy2.index_select(1, positions), x2, B, A, values, layout,
-                                            ctx.scale, needs)
+            dys.append(dy2.index_select(1, positions))
+            dxi, carry = backward_input_math(pth, dys[i], x2, B, A, values, layout, ctx.scale, need_x,
+                                             ctx.needs_input_grad[8 + 3 * i])
+            carries.append(carry)
             if dxi is not None:
                 dx = dxi if dx is None else dx.add_(dxi)
-            grads += [dB, dA, dv]
+        handle = None
         if dx is not None:
-            dx = _reduce_scatter_seq(dx.reshape(*lead, dx.shape[-1]), ctx.group)
-        return (dx, None, None, None, None, None, *grads)
+            dx = dx.reshape(*lead, dx.shape[-1])
+            if group is not None and ctx.sequence_parallel:
+                out = dx.new_empty((dx.shape[0] // dist.get_world_size(group), *dx.shape[1:]))
+                handle = dist.reduce_scatter_tensor(out, dx, group=group, async_op=True)
+                dx = out
+            elif group is not None:
+                handle = dist.all_reduce(dx, group=group, async_op=True)
+        grads = []
+        for i, ((layout, _), pth) in enumerate(zip(ctx.parts, ctx.paths)):
+            B, A, values = params[3 * i:3 * i + 3]
+            grads += backward_weight_math(pth, dys[i], x2, B, A, values, layout, ctx.scale,
+                                          ctx.needs_input_grad[7 + 3 * i:10 + 3 * i], carries[i])
+        if handle is not None:
+            handle.wait()
+        return (dx, None, None, None, None, None, None, *grads)
 
 
 class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
@@ -233,24 +247,11 @@ class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
         if self.layer_name is None:
             raise unnamed_error(self)
         group = self.tp_group if self.tp_size > 1 else None
-        if self.sequence_parallel:
-            parts = list(self.parts.values())
-            params = [t for p in parts for t in (p.B, p.A, p.values)]
-            where = [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()]
-            y = _SequenceParallelColumnSL.apply(input_, group, where, self.scale, self.sl_config.path,
-                                                self.global_rows.numel(), *params)
-            if self.bias is not None and not self.skip_bias_add:
-                y = y + self.bias
-            return y, (self.bias if self.skip_bias_add else None)
-        if group is not None:
-            x = copy_to_tensor_model_parallel_region(input_, group=group)
-        else:
-            x = input_
-        ys = [sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path)
-              for p in self.parts.values()]
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
-        if self.perm is not None:
-            y = y.index_select(-1, self.perm)
+        parts = list(self.parts.values())
+        params = [t for p in parts for t in (p.B, p.A, p.values)]
+        where = [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()]
+        y = _ColumnSL.apply(input_, group, self.sequence_parallel, where, self.scale, self.sl_config.path,
+                            self.global_rows.numel(), *params)
         if self.bias is not None and not self.skip_bias_add:
             y = y + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
