@@ -17,7 +17,8 @@ corpus: SL with the replicated-factor gradients summed over TP once per step ("a
 all-reduced per part in every micro-batch's backward as before ("before", emulated with per-parameter
 gradient hooks and the once-per-step sum switched off; same numerics), and dense. Reported: median
 step time, tokens/s, and bytes all-reduced per step on the TP group, split into gradient
-reductions and activations/loss.
+reductions and activations/loss. ``--tp2-rounds N`` runs each mode N times, alternating, and pools
+the step times (a fairer ratio on a machine whose load drifts).
 
     python benchmarks/bench_train.py                 # parts 1 and 2, default sizes (CPU: ~10 min)
     python benchmarks/bench_train.py --rounds 5 --presets tiny --memory-preset 130m
@@ -265,8 +266,9 @@ def tp2_worker(spec_path: str) -> int:
     silence_known_warnings()
     spec = json.loads(Path(spec_path).read_text())
     results = {}
-    for mode in spec["modes"]:
-        overrides = spec["overrides"] + [f"run.output_dir={spec['out']}/{mode}",
+    for run_no, mode in enumerate(spec["modes"]):
+        run_dir = Path(spec["out"], f"{run_no:02d}_{mode}")
+        overrides = spec["overrides"] + [f"run.output_dir={run_dir}",
                                          f"model.variant={'dense' if mode == 'dense' else 'sl'}"]
         cfg = load_config(None, overrides)
         trainer = Trainer(cfg, make_plan(cfg, env_of().world_size, check_outputs=False))
@@ -296,11 +298,12 @@ def tp2_worker(spec_path: str) -> int:
         finally:
             dist.all_reduce = original
         steps = summary["steps"]
-        recs = [json.loads(line) for line in (Path(spec["out"]) / mode / "metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         times = [r["step_time_s"] for r in recs if r["kind"] == "train"][1:]  # first step: warm-up
+        pooled = results.get(mode, {}).get("times", []) + times  # every round of this mode
         tokens_per_step = summary["tokens"] / steps
-        results[mode] = {"step_s": statistics.median(times), "tokens_per_s": tokens_per_step / statistics.median(times),
-                         "params": summary["params"], **{k: v / steps for k, v in tally.items()}}
+        results[mode] = {"step_s": statistics.median(pooled), "tokens_per_s": tokens_per_step / statistics.median(pooled),
+                         "times": pooled, "params": summary["params"], **{k: v / steps for k, v in tally.items()}}
         del trainer
     if env_of().rank == 0:
         Path(spec["out"], "tp2.json").write_text(json.dumps(results, indent=1))
@@ -321,7 +324,8 @@ def tp2(args) -> dict:
                  "deepspeed.zero_stage=1", "eval.iters=0", "eval.at_start=false", "run.save_at_end=false",
                  "run.progress_bar=false", "launch.nproc_per_node=2"]
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"modes": list(TP2_MODES), "overrides": overrides, "out": str(out)}))
+    # the modes alternate round by round, so a drift in machine load hits them alike
+    spec.write_text(json.dumps({"modes": list(TP2_MODES) * args.tp2_rounds, "overrides": overrides, "out": str(out)}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -334,7 +338,8 @@ def tp2(args) -> dict:
 
 def print_tp2(res: dict, args) -> None:
     print(f"\n## TP=2 communication: 60m shape (seq {args.tp2_seq}), 2 gloo ranks, micro 1 x GA 4, ZeRO-1, "
-          f"{args.tp2_steps} steps (median step time without the first)")
+          f"{args.tp2_rounds} round(s) of {args.tp2_steps} steps per run, modes alternating (median step time over "
+          f"the rounds, each run's first step left out)")
     print("| run | step s | tokens/s | vs dense | TP grad all-reduces / step | TP grad MiB / step | "
           "TP activation+loss MiB / step |")
     print("|---|---|---|---|---|---|---|")
@@ -363,6 +368,7 @@ def main() -> int:
     p.add_argument("--tp2", action="store_true", help="part 3: TP=2 communication, before/after, SL vs dense")
     p.add_argument("--tp2-steps", type=int, default=6)
     p.add_argument("--tp2-seq", type=int, default=256)
+    p.add_argument("--tp2-rounds", type=int, default=1, help="runs per mode, alternating; step times are pooled")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="sl", help=argparse.SUPPRESS)
