@@ -13,7 +13,8 @@ round), at the 60M and 130M preset MLP shapes (512->1376, r=128 and
 
 On a machine without CUDA everything is labelled CPU and the Triton kernels are NOT timed: they
 would only run in the Triton interpreter (Python, orders of magnitude slower, meaningless for
-speed); the primitives timed there are the torch references the CPU build dispatches to.
+speed); timed there instead are the numba CPU kernels that a one-thread CPU rank dispatches to
+(SpMM, SDDMM, and the factored path on them) next to the torch references they replace.
 
 Also prints the index bytes per nnz of each layer (canonical int32, derived structures).
 
@@ -108,6 +109,23 @@ def bench_shape(preset, T, dtype, device, reps):
         "tile layout (per Triton launch)": lambda: K.build_tile_layout(idx, out_f, in_f, K.settings.GPU_DENSIFY.block_m,
                                                                       K.settings.GPU_DENSIFY.block_n),
     }
+    if device.type == "cpu":  # the numba kernels (what auto runs on a one-thread CPU rank) vs the torch reference
+        from megatron_sl.kernels import cpu_kernels
+
+        def torch_sparse(fn):
+            def run():
+                with K.use_backend("torch"):
+                    fn()
+            return run
+
+        vals = layer.values.detach()
+        fns["SL factored path, torch-reference sparse products"] = torch_sparse(
+            _fwd_bwd(sl("factored"), x, gy, params))
+        fns["SpMM x·Sᵀ (torch ref)"] = lambda: core_fn.spmm_accumulate_reference(
+            torch.zeros(T, out_f, dtype=dtype), layer.layout, vals, x, False)
+        fns["SpMM x·Sᵀ (numba)"] = lambda: cpu_kernels.spmm_accumulate(torch.zeros(T, out_f, dtype=dtype), x, idx,
+                                                                       vals, False)
+        fns["sddmm (numba)"] = lambda: cpu_kernels.sddmm(gy, x, idx)
     if device.type == "cuda":
         fns["densify (Triton)"] = lambda: K.densify(layer.B, layer.A, layer.values, idx, layer.scale, backend="triton")
         fns["sddmm (Triton)"] = lambda: K.sddmm(gy, x, idx, backend="triton")
@@ -140,7 +158,8 @@ def main(argv=None) -> int:
           f"{args.reps} interleaved rounds; ratios = median over rounds of variant / dense nn.Linear fwd+bwd")
     if device.type != "cuda":
         print("\nCPU run: the Triton kernels are not timed (on CPU they only run in the Triton interpreter, "
-              "which says nothing about speed); the primitives below are the torch references the CPU build uses.")
+              "which says nothing about speed); timed are the numba CPU kernels that auto runs on a one-thread "
+              "CPU rank (the SL paths use them) next to the torch references.")
     reports = []
     for preset in args.presets:
         for T in args.tokens:
