@@ -16,8 +16,9 @@ Two exact paths compute y = x (s·B A + S)^T:
 cost(dense) = 6Tmn + 8mnr
 cost(factored) = 8Tnr + 6Tmr + 4·T·nnz/rho + (2·T·nnz/rho on CPU | 2·T·m·n on CUDA).
 The factored path wins when r(m+n) is well below m·n and sparse kernels are not too slow:
-``rho`` was measured on this project's CPU machines at 0.12-0.18 (CSR SpMM ≈ 24% and
-``sampled_addmm`` ≈ 17% of the dense GEMM time at 3% density, 1 thread). On GPUs, unstructured
+``rho`` on CPU is that of the numba kernels a one-thread rank runs (``megatron_sl.kernels.cpu_kernels``),
+measured by ``benchmarks/bench_kernels.py`` at 0.11-0.12 (the SpMM takes 25-27% of the dense GEMM
+time at 3% density, T = 256-4096, 1 thread; torch's CSR reference about half that efficiency). On GPUs, unstructured
 SpMM reaches roughly 1-2% of tensor-core GEMM efficiency (an estimate, not measured here), so
 the default ``rho`` there is 0.02 and the dense path wins except at very small T.
 Override with the environment variable ``MEGATRON_SL_SPARSE_EFFICIENCY``.
