@@ -143,13 +143,13 @@ class _ColumnSL(torch.autograd.Function):
             carries.append(carry)
             if dxi is not None:
                 dx = dxi if dx is None else dx.add_(dxi)
-        handle = None
+        handle = dx_sent = None
         if dx is not None:
             dx = dx.reshape(*lead, dx.shape[-1])
             if group is not None and ctx.sequence_parallel:
-                out = dx.new_empty((dx.shape[0] // dist.get_world_size(group), *dx.shape[1:]))
-                handle = dist.reduce_scatter_tensor(out, dx, group=group, async_op=True)
-                dx = out
+                dx_sent = dx  # referenced until the collective is waited on
+                dx = dx.new_empty((dx.shape[0] // dist.get_world_size(group), *dx.shape[1:]))
+                handle = dist.reduce_scatter_tensor(dx, dx_sent, group=group, async_op=True)
             elif group is not None:
                 handle = dist.all_reduce(dx, group=group, async_op=True)
         grads = []
@@ -159,6 +159,7 @@ class _ColumnSL(torch.autograd.Function):
                                           ctx.needs_input_grad[7 + 3 * i:10 + 3 * i], carries[i])
         if handle is not None:
             handle.wait()
+        del dx_sent
         return (dx, None, None, None, None, None, None, *grads)
 
 
