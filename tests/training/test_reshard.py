@@ -7,10 +7,10 @@ its losses must equal the base run's steps 4-8 (fp32: 1e-5 relative; only the or
 reductions differs between layouts). Covered: TP2->TP1 (with DP1->DP2), TP1->TP2 (DP2->DP1),
 DP2->DP1 at TP=1 (a one-rank relaunch), ZeRO1->ZeRO2, ZeRO1->ZeRO0, the per-layer engine TP2->TP1,
 a resume from the offline-converted layout-free form, ZeRO-3 on either side (ZeRO3->ZeRO1,
-ZeRO1->ZeRO3, ZeRO-3 TP1 DP2 -> TP2 DP1), and 8-bit AdamW TP1->TP2 and ZeRO1->ZeRO3 (its states are
-re-quantized per block in the new partitions: 5e-4 relative, see ``TOL_8BIT``). A TP change that
-changes the padded vocabulary re-pads it (new padding rows zero) and must continue like the same
-re-padding at the old layout.
+ZeRO1->ZeRO3, ZeRO-3 TP1 DP2 -> TP2 DP1), and 8-bit AdamW TP1->TP2, ZeRO1->ZeRO3 and ZeRO3 TP1 ->
+ZeRO1 TP2 (its states are re-quantized per block in the new partitions: 5e-4 relative, see
+``TOL_8BIT``). A TP change that changes the padded vocabulary re-pads it (new padding rows zero)
+and must continue like the same re-padding at the old layout.
 
 Also: an incompatible change (SL seed / density) together with a layout change is refused before
 any rank starts with one line and exit 2, and ``megatron-sl checkpoint convert --tp`` round-trips
@@ -75,6 +75,9 @@ def _cases(data):
         {"name": "zero3_tp1_to_tp2", "overrides": _base(data, tp2, *zero3), **resume("base_zero3_tp1")},
         {"name": "adamw8bit_zero1_to_zero3", "overrides": _base(data, tp1, *eight, *zero3),
          **resume("base_8bit_tp1")},
+        {"name": "base_8bit_zero3_tp1", "overrides": _base(data, tp1, *eight, *zero3)},
+        {"name": "adamw8bit_zero3_tp1_to_zero1_tp2", "overrides": _base(data, tp2, *eight),
+         **resume("base_8bit_zero3_tp1")},
         # a TP change that changes the padded vocabulary (512 tokens: 600 rows at TP=1, 800 at TP=2
         # with divisor 200) re-pads it; the reference is the same re-padding at the old layout
         # (divisor 400: 800 rows at TP=1), so the losses must agree like any other reshard
@@ -135,7 +138,7 @@ def test_resumes_on_another_layout_continue_like_the_original(runs):
         assert res["replicated_params_identical"], name
     (out / "measured.json").write_text(json.dumps(measured, indent=1))
     print("max relative loss difference per resume case:", json.dumps(measured, indent=1))
-    assert len(measured) == 13
+    assert len(measured) == 14
     # the re-padding changes the output softmax (200 zero rows more): the reference really differs
     # from continuing at 600 rows, so the comparison above tells a re-padded state from another one
     repad = _rel(results["vocab800_reference_tp1"]["losses"], results["base_vocab600_tp1"]["losses"][SAVE:])
@@ -280,6 +283,13 @@ def test_zero3_checkpoint_converts_and_exports(runs, tmp_path):
     vs_zero1 = _max_rel(a, z1)
     print(f"ZeRO-3 vs ZeRO-1 merged state at step {SAVE}: max relative difference {vs_zero1:.3g}")
     assert vs_zero1 <= 1e-3
+    # the same at TP=2 (DP=1): the final checkpoint of the re-padded ZeRO-3 TP2 resume vs its TP1 ZeRO-1 reference
+    final = f"step_{STEPS:08d}"
+    tp2 = _merged(out / "vocab600_tp1_to_vocab800_tp2_zero3" / "checkpoints" / final)
+    assert tp2.source.tp == 2 and tp2.source.zero_stage == 3 and tp2.opt_step == STEPS
+    vs_ref = _max_rel(tp2, _merged(out / "vocab800_reference_tp1" / "checkpoints" / final))
+    print(f"ZeRO-3 TP2 vs ZeRO-1 TP1 merged state at step {STEPS}: max relative difference {vs_ref:.3g}")
+    assert vs_ref <= 1e-3
     r = run(megatron_sl_cmd("checkpoint", "convert", str(src), "--tp", "2", str(tmp_path / "tp2")), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"(step {SAVE}, TP=1 DP=2 ZeRO=3)" in r.stdout and "recorded for TP=2 DP=2 ZeRO=3" in r.stdout, r.stdout
