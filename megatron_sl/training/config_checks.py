@@ -318,7 +318,7 @@ def vocab_change_note(before: int, after: int) -> str:
               else f"the last {before - after} padding rows dropped")
     return (f"padded vocabulary {before} -> {after} rows (model.make_vocab_size_divisible_by x TP): the first "
             f"{min(before, after)} rows carried, {change}; the padding rows are in the output softmax, so the loss "
-            f"moves slightly")
+            f"changes (by more, the larger their share of the rows)")
 
 
 def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:

@@ -366,7 +366,7 @@ def repad_vocab(weights, rows: int):
     the rows both paddings have are carried (every tokenizer row and the common padding rows),
     padding rows the old layout lacks are zero (weights and moments, as Megatron's universal
     checkpoint re-pads), rows the new padding lacks are dropped. The padding rows are in the output
-    softmax, so the loss moves slightly when their number changes (``config_checks.vocab_change_note``)."""
+    softmax, so the loss changes with their number (``config_checks.vocab_change_note``)."""
     from ...model.hf import EMBEDDING, OUTPUT
 
     if weights.vocab_size == rows:
