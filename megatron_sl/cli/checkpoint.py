@@ -1,8 +1,8 @@
 """``megatron-sl checkpoint convert CHECKPOINT --tp N OUT_DIR``: reshard a training checkpoint offline.
 
 CHECKPOINT is a ``<run>/checkpoints/step_XXXXXXXX`` directory (or a run directory: its ``latest``)
-written by ``megatron-sl train`` at any TP / DP size with ZeRO 0-2 or the per-layer engine (or an
-earlier conversion). It is verified, merged over its TP and ZeRO shards and written into the run
+written by ``megatron-sl train`` at any TP / DP size with any ZeRO stage (0-3) or the per-layer engine
+(or an earlier conversion). It is verified, merged over its TP and ZeRO shards and written into the run
 directory OUT_DIR (``OUT_DIR/checkpoints/step_XXXXXXXX``) in the layout-free form, recorded for TP=N
 (and ``--dp``, default the source's DP): ``megatron-sl train ... parallel.tensor_parallel=N
 run.output_dir=OUT_DIR`` resumes from it, and so does any other valid layout. Model weights, fp32

@@ -1,8 +1,9 @@
 """``megatron-sl export-hf CHECKPOINT OUT_DIR``: a training checkpoint as a Hugging Face LLaMA directory.
 
 CHECKPOINT is a ``<run>/checkpoints/step_XXXXXXXX`` directory (or a run directory: its ``latest``)
-written by ``megatron-sl train`` at any TP size, with ZeRO 0-2 or the per-layer engine. Every SL
-matrix is gathered over TP and multiplied out, W = s·B·A + S; q/k/v and gate/up are split back to
+written by ``megatron-sl train`` at any TP size, with any ZeRO stage (at ZeRO-3 the weights are the
+fp32 masters cut from the partitioned optimizer shards) or the per-layer engine. Every SL matrix is
+gathered over TP and multiplied out, W = s·B·A + S; q/k/v and gate/up are split back to
 ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj``. OUT_DIR gets ``model.safetensors``,
 ``config.json`` (``LlamaConfig``; the vocabulary is the model's padded one) and the sentencepiece
 tokenizer, loadable with ``transformers.LlamaForCausalLM.from_pretrained(OUT_DIR)``.

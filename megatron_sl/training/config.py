@@ -210,7 +210,7 @@ class RunSection(_Section):
                                           "is accepted although it changes what training means (model, sl, data, "
                                           "seed, optimizer; see training.resume_check); "
                                           "`train --allow-config-change KEY[,KEY]` sets it. A changed TP / DP / "
-                                          "ZeRO 0-2 layout needs none: it is resharded (training.checkpoint.reshard)")
+                                          "ZeRO layout needs none: it is resharded (training.checkpoint.reshard)")
 
 
 class LaunchSection(_Section):

@@ -311,6 +311,16 @@ def divisor_keeping_vocab(base_vocab: int, rows: int, tp: int, old_multiple: int
     return next((k for k in cands if k > 0 and padded_vocab(base_vocab, k, tp) == rows), None)
 
 
+def vocab_change_note(before: int, after: int) -> str:
+    """One phrase describing what ``checkpoint.reshard.repad_vocab`` does from ``before`` to ``after``
+    padded rows."""
+    change = (f"{after - before} new zero padding rows" if after > before
+              else f"the last {before - after} padding rows dropped")
+    return (f"padded vocabulary {before} -> {after} rows (model.make_vocab_size_divisible_by x TP): the first "
+            f"{min(before, after)} rows carried, {change}; the padding rows are in the output softmax, so the loss "
+            f"changes (by more, the larger their share of the rows)")
+
+
 def make_plan(cfg: TrainConfig, world_size: int, *, check_outputs: bool = True, check_inputs: bool = True) -> Plan:
     """Validate ``cfg`` for ``world_size`` ranks and derive the Plan. Raises ConfigError.
 

@@ -147,13 +147,15 @@ class DeepSpeedTrainEngine:
         maps "fp32" / "exp_avg" / "exp_avg_sq" to ``{parameter name: tensor}``. The module parameters
         take the fp32 weights; at ZeRO-1/2 each rank's fp32 partition and its moments are filled from
         the parameters' fragments (DeepSpeed's ``_hp_mapping``: where each parameter's slice sits in
-        this rank's flat partition); at ZeRO-0 the moments go to the client optimizer per parameter."""
-        if self.zero_stage == 3:
-            raise RuntimeError("resharding into a ZeRO-3 engine is not supported")
+        this rank's flat partition); at ZeRO-3 every parameter's own padded partition is cut from it
+        (``_load_universal_zero3``); at ZeRO-0 the moments go to the client optimizer per parameter."""
         named = dict(self.engine.module.named_parameters())
-        for n, p in named.items():
-            p.copy_(local["fp32"][n])
-        if self.zero_stage == 0:
+        if self.zero_stage != 3:
+            for n, p in named.items():
+                p.copy_(local["fp32"][n])
+        if self.zero_stage == 3:
+            self._load_universal_zero3(local, opt_step)
+        elif self.zero_stage == 0:
             for n, p in named.items():
                 set_adam_moments(self.client_optimizer, p, local["exp_avg"][n], local["exp_avg_sq"][n], opt_step)
         else:
@@ -177,6 +179,44 @@ class DeepSpeedTrainEngine:
             self.lr_scheduler.last_epoch = schedule_step
             self.lr_scheduler._step_count = schedule_step + 1
         self._apply_schedule()
+
+    @torch.no_grad()
+    def _load_universal_zero3(self, local: dict, opt_step: int) -> None:
+        """ZeRO-3 holds the state per (sub-)group as one flat partition per rank: the concatenation of
+        each parameter's ceil(numel / DP)-element partition (zero-padded at the end), in the group's
+        order. Filled the way DeepSpeed's own stage-3 universal loader fills it (fp32 partition,
+        moments, then the module partitions from the fp32 ones); persistent (never released)
+        parameters are re-gathered from their new partitions at the end."""
+        from .checkpoint.reshard import zero3_partition
+
+        zopt = self.engine.optimizer
+        zopt.checkpoint_event_prologue()  # every parameter partitioned: the partitions are the whole state
+        zopt._set_fp32_optimizer_param_groups()  # the base optimizer's groups are empty between steps
+        try:
+            for i, group in enumerate(zopt.fp16_groups):
+                fp32 = zopt.fp32_partitioned_groups_flat[i]
+                flat = {k: [] for k in local}
+                for p in group:
+                    name = zopt.param_names[p]
+                    pg = zopt._get_param_partition_group(p)
+                    start, stored, padded = zero3_partition(p.ds_numel, dist.get_world_size(pg), dist.get_rank(pg))
+                    for k, tensors in local.items():
+                        part = torch.zeros(padded, dtype=torch.float32)
+                        part[:stored] = tensors[name].reshape(-1)[start:start + stored]
+                        flat[k].append(part)
+                flat = {k: torch.cat(v).to(fp32.device) for k, v in flat.items()}
+                if flat["fp32"].numel() != fp32.numel():
+                    raise RuntimeError(f"ZeRO-3 sub-group {i}: the parameters' partitions hold {flat['fp32'].numel()} "
+                                       f"elements, the flat partition {fp32.numel()}")
+                fp32.copy_(flat["fp32"])
+                set_adam_moments(zopt.optimizer, fp32, flat["exp_avg"], flat["exp_avg_sq"], opt_step)
+                zopt.fp16_partitioned_groups_flat[i].copy_(fp32)
+                views = zopt.unflatten(zopt.fp16_partitioned_groups_flat[i], zopt.fp16_partitioned_groups[i])
+                for partitioned, view in zip(zopt.fp16_partitioned_groups[i], views):
+                    partitioned.data = view.data
+        finally:
+            zopt._clear_fp32_optimizer_param_groups()
+        zopt.checkpoint_event_epilogue()
 
     def _apply_schedule(self) -> None:
         """The loaded LambdaLR brings back the old run's base LRs (and the optimizer its last LR): put

@@ -7,8 +7,8 @@ Owns the knowledge of where a checkpoint keeps each tensor-parallel rank's modul
   TP rank; DeepSpeed writes one per model-parallel rank);
 * per-layer engine: ``engine/per_layer_rank_XXXXX.pt``, key ``module``, per global rank (global
   ranks 0..tp-1 are data-parallel replica 0's TP ranks in megatron's rank order);
-* ZeRO-3 partitions the parameters into the optimizer shards and is refused with one message
-  (run DeepSpeed's ``zero_to_fp32`` on ``engine/ds`` first);
+* ZeRO-3 keeps the parameters only in the optimizer shards (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``):
+  the fp32 masters are cut from them and merged over DP and TP with ``checkpoint.reshard.read_engine_state``;
 * a layout-free checkpoint (``engine/universal``, ``megatron-sl checkpoint convert``) is read with
   ``checkpoint.reshard.read_universal``.
 
@@ -81,10 +81,15 @@ def read_checkpoint(path) -> LoadedCheckpoint:
     states = []
     if cfg.optim.per_layer:
         files = [engine / f"per_layer_rank_{r:05d}.pt" for r in range(tp)]
-    elif cfg.deepspeed.zero_stage == 3:
-        raise ExportError(f"{path} was written with deepspeed.zero_stage=3, which keeps the weights only in the "
-                          f"partitioned optimizer shards; convert it first with DeepSpeed's zero_to_fp32 "
-                          f"({engine}/zero_to_fp32.py) or export a ZeRO 0-2 / per-layer checkpoint")
+    elif cfg.deepspeed.zero_stage == 3:  # the weights live only in the partitioned optimizer shards
+        from .checkpoint.errors import CheckpointError
+        from .checkpoint.reshard import Layout, read_engine_state
+
+        try:
+            state = read_engine_state(path, Layout(tp, plan.world_size // tp, 3), plan.preset, sl_config)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from None
+        return LoadedCheckpoint(path, int(manifest["step"]), cfg, tp, state.tensors["fp32"])
     else:
         files = [engine / "ds" / f"mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
     for f in files:

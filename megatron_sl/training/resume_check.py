@@ -11,8 +11,9 @@ torch. Before anything is launched or written, ``check_resume`` compares it with
   ``--allow-config-change KEY[,KEY]``) names the key or its section;
 * a change of the parallel layout (``LAYOUT_KEYS``: TP size, ZeRO stage, world size and so DP size)
   is allowed: the checkpoint is resharded on resume (``training.checkpoint.reshard``) and the
-  returned lines say "resharding from TP=a DP=b ZeRO=z to ..."; only ZeRO-3 on either side is
-  refused (its partitions are not resharded);
+  returned lines say "resharding from TP=a DP=b ZeRO=z to ..." (any ZeRO stage 0-3 on either side);
+  when the padded vocabulary (``model.make_vocab_size_divisible_by`` x TP) changes with it, the
+  line says how its rows are re-padded and which divisor would keep it;
 * any other change (lr, schedule, train_iters, clipping, intervals, keep_last, eval.*, ...) is
   allowed; the returned lines describe it and the trainer logs them.
 """
@@ -94,7 +95,7 @@ def diff_configs(old: dict, new: dict) -> List[Tuple[str, Any, Any]]:
 def check_resume(cfg: TrainConfig, world_size: int, base_vocab: Optional[int] = None) -> List[str]:
     """Raise ``ConfigError`` for a protected change not allowed by ``run.allow_config_change``;
     return one line per allowed change (empty when nothing changed or nothing is resumed).
-    ``base_vocab``: the unpadded vocabulary, to refuse a layout change that changes its padding."""
+    ``base_vocab``: the unpadded vocabulary, to describe a layout change that changes its padding."""
     if not cfg.run.resume or cfg.run.overwrite:
         return []
     found = newest_checkpoint(cfg.run.output_dir)
@@ -114,23 +115,19 @@ def check_resume(cfg: TrainConfig, world_size: int, base_vocab: Optional[int] = 
                           "another run.output_dir, or set run.overwrite=true to start over")
     lines = [f"{k}: {o!r} -> {n!r}" for k, o, n in changes
              if k not in LAYOUT_KEYS and not k.startswith("run.allow_config_change")]
-    if any(k in LAYOUT_KEYS for k, _, _ in changes):
-        before, after = _layout(old), _layout(new)
-        if before != after:
-            if "ZeRO=3" in (before + after) and not record.get("universal"):
-                what = ", ".join(f"{k}: {o!r} -> {n!r}" for k, o, n in changes if k in LAYOUT_KEYS)
-                raise ConfigError(f"resume from {path}: the parallel layout changes ({what}; {before} -> {after}) and "
-                                  f"ZeRO-3 partitions are not resharded; resume at {before} or use ZeRO 0-2")
-            if base_vocab is not None:
-                _check_padding(path, old, new, base_vocab)
-            lines.insert(0, f"resharding from {before} to {after}")
+    before, after = _layout(old), _layout(new)
+    note = _padding_change(old, new, base_vocab) if base_vocab is not None and changes else None
+    if before != after:
+        lines.insert(0, f"resharding from {before} to {after}" + (f"; {note}" if note else ""))
+    elif note:  # e.g. an accepted model.make_vocab_size_divisible_by change: loaded through resharding too
+        lines.insert(0, f"resharding at {after}: {note}")
     return lines
 
 
-def _check_padding(path, old: dict, new: dict, base_vocab: int) -> None:
-    """A new TP size must keep the padded vocabulary (its extra rows are in the output softmax);
-    the message names the ``model.make_vocab_size_divisible_by`` that keeps it."""
-    from .config_checks import divisor_keeping_vocab, padded_vocab
+def _padding_change(old: dict, new: dict, base_vocab: int) -> Optional[str]:
+    """None when the new layout keeps the padded vocabulary; else what resharding does to it
+    (``checkpoint.reshard.repad_vocab``) and the ``model.make_vocab_size_divisible_by`` that keeps it."""
+    from .config_checks import divisor_keeping_vocab, padded_vocab, vocab_change_note
 
     def rows(config):
         return padded_vocab(base_vocab, int(config["model"]["make_vocab_size_divisible_by"]),
@@ -138,15 +135,13 @@ def _check_padding(path, old: dict, new: dict, base_vocab: int) -> None:
 
     before, after = rows(old), rows(new)
     if before == after:
-        return
+        return None
     tp = int(new["parallel"]["tensor_parallel"])
     old_multiple = int(old["model"]["make_vocab_size_divisible_by"]) * int(old["parallel"]["tensor_parallel"])
     keep = divisor_keeping_vocab(base_vocab, before, tp, old_multiple, int(new["model"]["make_vocab_size_divisible_by"]))
-    fix = (f"add model.make_vocab_size_divisible_by={keep} --allow-config-change model.make_vocab_size_divisible_by "
-           f"to keep it" if keep else "no model.make_vocab_size_divisible_by keeps it at this TP size")
-    raise ConfigError(f"resume from {path}: resharding to TP={tp} changes the padded vocabulary from {before} to "
-                      f"{after} rows (model.make_vocab_size_divisible_by x TP; the extra rows are in the output "
-                      f"softmax); {fix}")
+    fix = (f"model.make_vocab_size_divisible_by={keep} --allow-config-change model.make_vocab_size_divisible_by "
+           f"keeps it exactly" if keep else "no model.make_vocab_size_divisible_by keeps it at this TP size")
+    return f"{vocab_change_note(before, after)} ({fix})"
 
 
 def _layout(config: dict) -> str:

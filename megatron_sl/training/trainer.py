@@ -180,17 +180,34 @@ class Trainer:
         """Load ``info`` through the layout-free form when it was written at another layout (or is
         layout-free); False (load natively) when the layout is this run's."""
         from .checkpoint.reshard import apply, is_universal, read_engine_state, saved_layout
+        from .config_checks import vocab_change_note
         from ..parallel.variants import variant_sl_config
 
         source = saved_layout(client, info.manifest.get("world_size"))
-        if not is_universal(info.path) and source == self.layout:
+        if not is_universal(info.path) and source == self.layout and self._saved_vocab(client) == self.plan.vocab_size:
             return False
         self.log(f"[ckpt] resharding {info.path.name} from {source or 'the layout-free form'} to {self.layout} "
                  f"(weights, fp32 masters, AdamW moments, step and schedule carried; per-rank RNG streams restart)")
         state = read_engine_state(info.path, source, self.plan.preset,
                                   variant_sl_config(self.plan.sl_config, self.cfg.model.variant))
+        rows = state.tensors["fp32"].vocab_size
+        if rows != self.plan.vocab_size:
+            self.log(f"[ckpt] {vocab_change_note(rows, self.plan.vocab_size)}")
         apply(state, self.engine, self.engine.module, self.plan.vocab_size)
         return True
+
+    def _saved_vocab(self, client: dict) -> int:
+        """The padded vocabulary the checkpoint's run was built with (its divisor and TP size, this
+        run's unpadded vocabulary: the tokenizer and ``model.vocab_size`` may not change)."""
+        from .config_checks import padded_vocab
+
+        old = client.get("config") or {}
+        try:
+            divisor = int(old["model"]["make_vocab_size_divisible_by"])
+            tp = int(old["parallel"]["tensor_parallel"])
+        except (KeyError, TypeError, ValueError):
+            return self.plan.vocab_size
+        return padded_vocab(self.cfg.model.vocab_size or self.plan.tokenizer_vocab_size, divisor, tp)
 
     # -- helpers ----------------------------------------------------------------------------
     def _lock_run_dir(self) -> Optional[RunLock]:

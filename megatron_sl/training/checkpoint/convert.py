@@ -27,7 +27,7 @@ def convert(src, out, tp: int, dp: Optional[int] = None, *, overwrite: bool = Fa
     ``CheckpointError`` / ``ConfigError`` name what is wrong; nothing is written then."""
     from ...parallel.variants import variant_sl_config
     from ..config import ConfigError, from_dict
-    from ..config_checks import divisor_keeping_vocab, make_plan
+    from ..config_checks import divisor_keeping_vocab, make_plan, padded_vocab, vocab_change_note
     from .adapters import StateFns
     from .manager import LOCAL, CheckpointManager, read_client_state
     from .reshard import Layout, read_engine_state, saved_layout, write_universal
@@ -64,14 +64,13 @@ def convert(src, out, tp: int, dp: Optional[int] = None, *, overwrite: bool = Fa
     state = read_engine_state(src, source, old_plan.preset, variant_sl_config(old_plan.sl_config, cfg.model.variant))
     rows = state.tensors["fp32"].vocab_size
     base = cfg.model.vocab_size or _tokenizer_vocab(cfg.data.tokenizer) or rows
-    # the padded vocabulary must not change (its extra rows are in the output softmax): record the
-    # make_vocab_size_divisible_by that pads to the same rows at the new TP size
+    # keep the padded vocabulary when a make_vocab_size_divisible_by does at the new TP size (its
+    # extra rows are in the output softmax); else the resume re-pads it (reshard.repad_vocab)
     keep = divisor_keeping_vocab(base, rows, tp, d * source.tp, d)
-    if keep is None:
-        raise ConfigError(f"--tp {tp}: no model.make_vocab_size_divisible_by keeps the padded vocabulary of {rows} "
-                          f"rows at TP={tp} (its extra rows are in the output softmax)")
     note = ""
-    if keep != d:
+    if keep is None:
+        note = f" ({vocab_change_note(rows, padded_vocab(base, d, tp))} on resume)"
+    elif keep != d:
         new_cfg = from_dict(dict(new_cfg.to_dict(), model=dict(new_cfg.to_dict()["model"],
                                                                make_vocab_size_divisible_by=keep)), source="--tp")
         note = f" model.make_vocab_size_divisible_by={keep} (keeps the {rows}-row padded vocabulary)"
@@ -95,7 +94,7 @@ def convert(src, out, tp: int, dp: Optional[int] = None, *, overwrite: bool = Fa
         shutil.rmtree(tmp_out, ignore_errors=True)
     final = out / CHECKPOINTS_DIR / path.name
     return final, (f"{src} (step {info.step}, {source}) -> {final}: layout-free, recorded for {target}; resume with "
-                   f"parallel.tensor_parallel={tp}{note} run.output_dir={out} (any other TP / DP / ZeRO 0-2 works "
+                   f"parallel.tensor_parallel={tp}{note} run.output_dir={out} (any other TP / DP / ZeRO stage works "
                    f"too)")
 
 

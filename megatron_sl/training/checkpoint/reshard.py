@@ -1,5 +1,5 @@
 """Resume on another parallel layout: a checkpoint written at TP=a, DP=b, ZeRO stage z continues at
-any other valid TP, DP and ZeRO stage (0-2; per-layer runs at any TP / DP).
+any other valid TP, DP and ZeRO stage (0-3; per-layer runs at any TP / DP).
 
 The mechanism is DeepSpeed's universal checkpoint: the training state as one fp32 tensor per
 parameter (``fp32``, ``exp_avg``, ``exp_avg_sq``), independent of how ranks split it, from which any
@@ -8,8 +8,12 @@ DeepSpeed's TP merge (concatenation along one dimension) cannot express:
 
 * ``read_engine_state``: every rank reads the engine files of the old layout. ZeRO-1/2 partitions
   are cut into parameters with the ``param_slice_mappings`` DeepSpeed stores in each optimizer
-  shard (the fragments of a parameter, concatenated in DP rank order, are the parameter); ZeRO-0
-  and per-layer states are per parameter already. Per TP rank this gives module-shaped dicts of
+  shard (the fragments of a parameter, concatenated in DP rank order, are the parameter). ZeRO-3
+  partitions every parameter on its own: each DP rank holds ceil(numel / DP) elements of each
+  (zero-padded at the end), and its flat partition per sub-group is those pieces concatenated in
+  the order of the ``param_shapes`` DeepSpeed records in the model-states files
+  (``zero3_partition``; the layout DeepSpeed's own ``ds_to_universal`` cuts). ZeRO-0 and
+  per-layer states are per parameter already. Per TP rank this gives module-shaped dicts of
   fp32 weights and moments, which ``model.hf.gather_weights`` merges over TP exactly as the
   export does (B / S rows or A / S columns concatenated, replicated factors taken once, sparse
   values put in the global support order at ``SLShard.global_flat_index()``, every re-created
@@ -20,7 +24,8 @@ DeepSpeed's TP merge (concatenation along one dimension) cannot express:
 * ``apply``: each rank of the new layout takes its slices with ``model.hf.local_weights`` (the
   same rule the layers are built with) and the engine puts them in place
   (``load_universal``: module parameters, ZeRO fp32 partitions, Adam moments, step counters, LR
-  schedule position).
+  schedule position; at ZeRO-3 each rank's padded partition of every parameter, filled as
+  DeepSpeed's stage-3 universal loader fills it).
 * ``write_universal`` / ``read_universal``: the merged form on disk, in DeepSpeed's universal
   layout (``zero/<param name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``, each ``{"param": tensor}``)
   under ``engine/universal/`` with ``meta.json``; ``megatron-sl checkpoint convert`` writes it, and
@@ -33,8 +38,10 @@ batch size, which may not change: a run at another DP size reads the same sample
 layout's blocks: a block's absmax changes when its elements change, so the states are not
 bit-exact (each element moves by at most half a quantization step of its new block). What is
 not carried: per-rank RNG streams (a different number of ranks has different streams; the new
-ranks keep their start-up seeding, so dropout masks differ from a same-layout resume). ZeRO-3
-partitions are not resharded (convert them with DeepSpeed's ``zero_to_fp32`` first).
+ranks keep their start-up seeding, so dropout masks differ from a same-layout resume). When the
+padded vocabulary changes (``model.make_vocab_size_divisible_by`` x TP), ``repad_vocab`` carries
+the rows both paddings have and starts new padding rows at zero, as Megatron's universal
+checkpoint does; those rows are in the output softmax, so the loss moves.
 
 Memory: every rank builds the merged state of the whole model (three fp32 copies); for large
 models convert offline once (``megatron-sl checkpoint convert``), then resume from that.
@@ -197,6 +204,62 @@ def _deepspeed_rank(ds_dir: Path, t: int, dp: int, zero_stage: int):
     return out, max(steps, default=0), int(sched.get("last_epoch", model_states.get("global_steps", 0)))
 
 
+def zero3_partition(numel: int, dp: int, d: int):
+    """(start, stored, padded) of DP rank ``d``'s ZeRO-3 partition of a parameter of ``numel`` elements:
+    every rank holds ``padded = ceil(numel / dp)`` elements of it (zero padding after the end),
+    ``stored`` of them real, from ``start`` (DeepSpeed's ``_partition_param`` rule)."""
+    padded = -(-int(numel) // int(dp))
+    start = d * padded
+    return start, max(0, min(padded, int(numel) - start)), padded
+
+
+def _zero3_rank(ds_dir: Path, t: int, dp: int):
+    """The same for TP rank ``t`` of a ZeRO-3 checkpoint. Each DP rank's optimizer file holds, per
+    sub-group, one flat fp32 partition and its moments: the concatenation, in the sub-group's
+    parameter order (``param_shapes`` of the model-states files), of every parameter's own padded
+    partition (``zero3_partition``), unlike ZeRO-1/2's one flat group cut across ranks. A
+    parameter is its ranks' partitions concatenated in DP rank order (as DeepSpeed's
+    ``extract_zero_shards_stage3`` / ``merge_zero3_slices`` rebuild it)."""
+    from ..optim import adam_moments
+
+    model_states = _load(ds_dir / f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt")
+    shapes = model_states.get("param_shapes")
+    if not shapes:
+        raise CheckpointError(f"{ds_dir}: the ZeRO-3 model states of TP rank {t} record no parameter shapes")
+    pieces: Dict[str, Dict[str, list]] = {k: {} for k in STATE_KEYS}
+    steps = []
+    for d in range(dp):
+        osd = _load(ds_dir / f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt")["optimizer_state_dict"]
+        if int(osd.get("partition_count", dp)) != dp:
+            raise CheckpointError(f"{ds_dir}: ZeRO-3 partitions over {osd['partition_count']} ranks, the recorded "
+                                  f"layout has DP={dp}")
+        states = osd["optimizer_state_dict"]["state"]
+        for g, group in enumerate(shapes):
+            flat = {"fp32": osd["fp32_flat_groups"][g].float().reshape(-1)}
+            if g in states:
+                flat["exp_avg"], flat["exp_avg_sq"], step = adam_moments(states[g])
+                steps.append(step)
+            else:  # never stepped
+                flat["exp_avg"] = flat["exp_avg_sq"] = torch.zeros_like(flat["fp32"])
+            offset = 0
+            for name, shape in group.items():
+                numel = int(torch.Size(shape).numel())
+                _, stored, padded = zero3_partition(numel, dp, d)
+                if offset + padded > flat["fp32"].numel():
+                    raise CheckpointError(f"{ds_dir}: the ZeRO-3 partition of sub-group {g} on DP rank {d} ends "
+                                          f"before {name!r}")
+                for k in STATE_KEYS:
+                    pieces[k].setdefault(name, []).append(flat[k].reshape(-1).narrow(0, offset, stored))
+                offset += padded
+    out = {k: {} for k in STATE_KEYS}
+    for group in shapes:
+        for name, shape in group.items():
+            for k in STATE_KEYS:
+                out[k][name] = torch.cat(pieces[k][name]).reshape(tuple(shape))
+    sched = model_states.get("lr_scheduler") or {}
+    return out, max(steps, default=0), int(sched.get("last_epoch", model_states.get("global_steps", 0)))
+
+
 def read_engine_state(path: Path, source: Optional[Layout], preset, sl_config) -> UniversalState:
     """The merged state of checkpoint ``path`` written at layout ``source`` (any process)."""
     from ...model.hf import ExportError, gather_weights
@@ -207,14 +270,13 @@ def read_engine_state(path: Path, source: Optional[Layout], preset, sl_config) -
     engine = path / ENGINE_DIR
     if source is None:
         raise CheckpointError(f"checkpoint {path} records neither its parallel layout nor a layout-free form")
-    if source.zero_stage == 3:
-        raise CheckpointError(f"{path} was written with ZeRO-3, whose partitions are not resharded; resume it at its "
-                              f"own layout ({source}) or convert it with DeepSpeed's zero_to_fp32 first")
     per_rank, opt_steps, sched_steps = [], [], []
     for t in range(source.tp):
         if source.zero_stage is None:
             # per-layer files are per global rank; ranks 0..tp-1 are data-parallel replica 0
             st, opt_step, sched = _per_layer_rank(engine / f"per_layer_rank_{t:05d}.pt")
+        elif source.zero_stage == 3:
+            st, opt_step, sched = _zero3_rank(engine / "ds", t, source.dp)
         else:
             st, opt_step, sched = _deepspeed_rank(engine / "ds", t, source.dp, source.zero_stage)
         per_rank.append(st)
@@ -299,16 +361,33 @@ def read_universal(path: Path, preset, sl_config) -> UniversalState:
 # --------------------------------------------------------------------------------------------
 # into the new layout
 # --------------------------------------------------------------------------------------------
+def repad_vocab(weights, rows: int):
+    """``weights`` (a GlobalWeights: fp32 weights or a moment) with ``rows`` embedding / output rows:
+    the rows both paddings have are carried (every tokenizer row and the common padding rows),
+    padding rows the old layout lacks are zero (weights and moments, as Megatron's universal
+    checkpoint re-pads), rows the new padding lacks are dropped. The padding rows are in the output
+    softmax, so the loss changes with their number (``config_checks.vocab_change_note``)."""
+    from ...model.hf import EMBEDDING, OUTPUT
+
+    if weights.vocab_size == rows:
+        return weights
+    keep = min(weights.vocab_size, rows)
+    dense = dict(weights.dense)
+    for name in (EMBEDDING, OUTPUT):
+        t = dense[name][:keep]
+        dense[name] = torch.cat([t, t.new_zeros(rows - keep, *t.shape[1:])])
+    return dataclasses.replace(weights, vocab_size=rows, dense=dense)
+
+
 def apply(state: UniversalState, engine, model: torch.nn.Module, padded_vocab: int) -> None:
-    """This rank's slices of ``state`` into ``engine`` (which implements ``load_universal``)."""
+    """This rank's slices of ``state`` into ``engine`` (which implements ``load_universal``); a
+    changed padded vocabulary is re-padded first (``repad_vocab``)."""
     from ...model.hf import ExportError, local_weights
 
-    if state.tensors["fp32"].vocab_size != padded_vocab:
-        raise CheckpointError(f"the checkpoint's padded vocabulary has {state.tensors['fp32'].vocab_size} rows, this "
-                              f"layout pads it to {padded_vocab} (model.make_vocab_size_divisible_by x TP); the output "
-                              f"softmax would change, so it cannot be resharded to this TP size")
+    tensors = {k: repad_vocab(state.tensors[k], padded_vocab) for k in STATE_KEYS}
     try:
-        local = {k: local_weights(model, state.tensors[k]) for k in STATE_KEYS}
+        with engine.gathered_params():  # ZeRO-3: the parameters' full shapes (no data is changed here)
+            local = {k: local_weights(model, tensors[k]) for k in STATE_KEYS}
     except ExportError as e:
         raise CheckpointError(f"cannot reshard the checkpoint onto this model: {e}") from None
     engine.load_universal(local, opt_step=state.opt_step, schedule_step=state.schedule_step)
