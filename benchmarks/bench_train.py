@@ -323,23 +323,34 @@ def tp2(args) -> dict:
                  "train.micro_batch_size=1", "train.global_batch_size=4", f"train.train_iters={args.tp2_steps}",
                  "deepspeed.zero_stage=1", "eval.iters=0", "eval.at_start=false", "run.save_at_end=false",
                  "run.progress_bar=false", "launch.nproc_per_node=2"]
-    spec = out / "spec.json"
-    # the modes alternate round by round, so a drift in machine load hits them alike
-    spec.write_text(json.dumps({"modes": list(TP2_MODES) * args.tp2_rounds, "overrides": overrides, "out": str(out)}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(Path(__file__).resolve()), "--tp2-worker", str(spec)], env=env, cwd=REPO)
-    if proc.returncode:
-        raise RuntimeError(f"TP=2 benchmark worker failed with exit code {proc.returncode}")
-    return json.loads((out / "tp2.json").read_text())
+    # every run in fresh processes (a run late in a long-lived process measured slower), the modes
+    # alternating round by round so that a drift in machine load hits them alike
+    pooled: dict = {}
+    for rnd in range(args.tp2_rounds):
+        for mode in TP2_MODES:
+            run_out = out / f"round{rnd}_{mode}"
+            run_out.mkdir()
+            spec = run_out / "spec.json"
+            spec.write_text(json.dumps({"modes": [mode], "overrides": overrides, "out": str(run_out)}))
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                   "2", str(Path(__file__).resolve()), "--tp2-worker", str(spec)], env=env, cwd=REPO)
+            if proc.returncode:
+                raise RuntimeError(f"TP=2 benchmark worker ({mode}) failed with exit code {proc.returncode}")
+            res = json.loads((run_out / "tp2.json").read_text())[mode]
+            tokens_per_step = res["tokens_per_s"] * res["step_s"]
+            times = pooled.get(mode, {}).get("times", []) + res["times"]
+            pooled[mode] = {**res, "times": times, "step_s": statistics.median(times),
+                            "tokens_per_s": tokens_per_step / statistics.median(times)}
+    return pooled
 
 
 def print_tp2(res: dict, args) -> None:
     print(f"\n## TP=2 communication: 60m shape (seq {args.tp2_seq}), 2 gloo ranks, micro 1 x GA 4, ZeRO-1, "
-          f"{args.tp2_rounds} round(s) of {args.tp2_steps} steps per run, modes alternating (median step time over "
-          f"the rounds, each run's first step left out)")
+          f"{args.tp2_rounds} round(s) of {args.tp2_steps} steps per run, each run in fresh processes, modes "
+          f"alternating (median step time over the rounds, each run's first step left out)")
     print("| run | step s | tokens/s | vs dense | TP grad all-reduces / step | TP grad MiB / step | "
           "TP activation+loss MiB / step |")
     print("|---|---|---|---|---|---|---|")
