@@ -12,7 +12,7 @@ Exports are resolved lazily, so importing a megatron-free submodule (``layout``,
 does not pay for importing megatron-core.
 """
 
-import importlib
+from megatron_sl.lazy import lazy_exports
 
 _EXPORTS = {
     "SLColumnParallelLinear": "layers", "SLRowParallelLinear": "layers", "SLRMSNorm": "norm", "SLShard": "shard",
@@ -27,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -18,7 +18,7 @@ pipeline and the launcher's checks):
 
 from __future__ import annotations
 
-import importlib
+from megatron_sl.lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointError": "errors",
@@ -63,14 +63,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,7 @@ code). Public names are imported lazily so that argument checks and ``--help`` s
 
 from __future__ import annotations
 
-import importlib
+from megatron_sl.lazy import lazy_exports
 
 _EXPORTS = {
     "DataError": "errors",
@@ -31,7 +31,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
