@@ -124,8 +124,9 @@ def _as_array(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
-def _work_dtype(*tensors) -> torch.dtype:
-    dt = torch.promote_types(tensors[0].dtype, tensors[1].dtype)
+def _work_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute in: float32/float64 natively, half types upcast to float32."""
+    dt = torch.promote_types(a.dtype, b.dtype)
     return dt if dt in _NATIVE else torch.float32
 
 
