@@ -16,9 +16,11 @@ gradient accumulation 4 (micro-batch 1), real ``megatron-sl train`` runs (ZeRO-1
 corpus: SL with the replicated-factor gradients summed over TP once per step ("after"), SL with them
 all-reduced per part in every micro-batch's backward as before ("before", emulated with per-parameter
 gradient hooks and the once-per-step sum switched off; same numerics), and dense. Reported: median
-step time, tokens/s, and bytes all-reduced per step on the TP group, split into gradient
-reductions and activations/loss. ``--tp2-rounds N`` runs each mode N times, alternating, and pools
-the step times (a fairer ratio on a machine whose load drifts).
+step time, tokens/s, rank 0's user and system CPU seconds per step (user time is the compute; steal
+time on a shared host inflates wall time but not user time, and system time shows page-fault cost),
+and bytes all-reduced per step on the TP group, split into gradient reductions and activations/loss.
+``--tp2-rounds N`` runs each mode N times, alternating, and pools the step times (a fairer ratio on a
+machine whose load drifts).
 
     python benchmarks/bench_train.py                 # parts 1 and 2, default sizes (CPU: ~10 min)
     python benchmarks/bench_train.py --rounds 5 --presets tiny --memory-preset 130m
@@ -292,6 +294,17 @@ def tp2_worker(spec_path: str) -> int:
             return _orig(tensor, *a, **kw)
 
         dist.all_reduce = counted
+        cpu = []  # (user, system) CPU seconds of this rank's process per step: compute that steal time and other
+        step_fn = trainer.train_step  # tenants do not inflate, next to page-fault (system) time that they can
+
+        def cpu_timed(_step=step_fn):
+            t0 = os.times()
+            out = _step()
+            t1 = os.times()
+            cpu.append((t1.user - t0.user, t1.system - t0.system))
+            return out
+
+        trainer.train_step = cpu_timed
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 summary = trainer.run()
@@ -303,7 +316,8 @@ def tp2_worker(spec_path: str) -> int:
         pooled = results.get(mode, {}).get("times", []) + times  # every round of this mode
         tokens_per_step = summary["tokens"] / steps
         results[mode] = {"step_s": statistics.median(pooled), "tokens_per_s": tokens_per_step / statistics.median(pooled),
-                         "times": pooled, "params": summary["params"], **{k: v / steps for k, v in tally.items()}}
+                         "times": pooled, "cpu": cpu[1:], "params": summary["params"],
+                         **{k: v / steps for k, v in tally.items()}}
         del trainer
     if env_of().rank == 0:
         Path(spec["out"], "tp2.json").write_text(json.dumps(results, indent=1))
@@ -342,22 +356,27 @@ def tp2(args) -> dict:
             res = json.loads((run_out / "tp2.json").read_text())[mode]
             tokens_per_step = res["tokens_per_s"] * res["step_s"]
             times = pooled.get(mode, {}).get("times", []) + res["times"]
-            pooled[mode] = {**res, "times": times, "step_s": statistics.median(times),
-                            "tokens_per_s": tokens_per_step / statistics.median(times)}
+            cpu = pooled.get(mode, {}).get("cpu", []) + res["cpu"]
+            pooled[mode] = {**res, "times": times, "cpu": cpu, "step_s": statistics.median(times),
+                            "tokens_per_s": tokens_per_step / statistics.median(times),
+                            "user_s": statistics.median(u for u, _ in cpu), "sys_s": statistics.median(s for _, s in cpu)}
     return pooled
 
 
 def print_tp2(res: dict, args) -> None:
     print(f"\n## TP=2 communication: 60m shape (seq {args.tp2_seq}), 2 gloo ranks, micro 1 x GA 4, ZeRO-1, "
           f"{args.tp2_rounds} round(s) of {args.tp2_steps} steps per run, each run in fresh processes, modes "
-          f"alternating (median step time over the rounds, each run's first step left out)")
-    print("| run | step s | tokens/s | vs dense | TP grad all-reduces / step | TP grad MiB / step | "
-          "TP activation+loss MiB / step |")
-    print("|---|---|---|---|---|---|---|")
-    dense = res["dense"]["tokens_per_s"]
+          f"alternating (median step time over the rounds, each run's first step left out; rank 0's user and "
+          f"system CPU seconds per step, median: user time is the compute, which steal time on a shared host does "
+          f"not inflate)")
+    print("| run | step s | tokens/s | vs dense | user CPU s / step | user CPU, dense / run | system CPU s / step | "
+          "TP grad all-reduces / step | TP grad MiB / step | TP activation+loss MiB / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    dense, dense_user = res["dense"]["tokens_per_s"], res["dense"]["user_s"]
     for mode in TP2_MODES:
         r = res[mode]
         print(f"| {mode} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / dense:.3f} | "
+              f"{r['user_s']:.3f} | {dense_user / r['user_s']:.3f} | {r['sys_s']:.3f} | "
               f"{r['grad_calls']:.0f} | {r['grad_bytes'] / 2**20:.2f} | {r['act_bytes'] / 2**20:.2f} |")
 
 

@@ -183,8 +183,11 @@ def headline(rows: list) -> list:
         tp2 = {r.get("run"): r for r in rows_of("train-tp2", kind)}
         if "sl_after" in tp2 and "dense" in tp2:
             sl, dense = tp2["sl_after"], tp2["dense"]
-            out.append(f"- {kind} TP=2, GA=4: SL tokens/s = {sl['vs dense']}× dense; TP gradient-like all-reduces "
-                       f"per step: SL {sl['TP grad all-reduces / step']}, dense {dense['TP grad all-reduces / step']}")
+            compute = sl.get("user CPU, dense / run")  # wall time also carries steal and page-fault time
+            out.append(f"- {kind} TP=2, GA=4: SL tokens/s = {sl['vs dense']}× dense"
+                       + (f" (compute, dense user CPU / SL user CPU per step: {compute}×)" if compute else "")
+                       + f"; TP gradient-like all-reduces per step: SL {sl['TP grad all-reduces / step']}, "
+                       f"dense {dense['TP grad all-reduces / step']}")
         mem = [r for r in rows_of("memory", kind) if r.get("error", "").endswith("%")]
         if mem:
             worst = max(mem, key=lambda r: abs(float(r["error"].rstrip("%"))))
