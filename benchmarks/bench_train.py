@@ -254,7 +254,8 @@ TP2_MODES = ("sl_after", "sl_before", "dense")
 
 
 def tp2_worker(spec_path: str) -> int:
-    """One rank of part 3: the three runs in one process group; rank 0 writes the results."""
+    """One rank of part 3: the runs of the modes its spec lists (``tp2`` passes one per worker), in one
+    process group; rank 0 writes the results."""
     import contextlib
 
     import torch.distributed as dist
@@ -294,10 +295,11 @@ def tp2_worker(spec_path: str) -> int:
             return _orig(tensor, *a, **kw)
 
         dist.all_reduce = counted
-        cpu = []  # (user, system) CPU seconds of this rank's process per step: compute that steal time and other
-        step_fn = trainer.train_step  # tenants do not inflate, next to page-fault (system) time that they can
+        # (user, system) CPU seconds of this rank's process per step: the compute, which steal time by
+        # other tenants does not inflate, next to the page-fault (system) time, which they can
+        cpu = []
 
-        def cpu_timed(_step=step_fn):
+        def cpu_timed(_step=trainer.train_step):
             t0 = os.times()
             out = _step()
             t1 = os.times()
@@ -313,11 +315,9 @@ def tp2_worker(spec_path: str) -> int:
         steps = summary["steps"]
         recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         times = [r["step_time_s"] for r in recs if r["kind"] == "train"][1:]  # first step: warm-up
-        pooled = results.get(mode, {}).get("times", []) + times  # every round of this mode
-        tokens_per_step = summary["tokens"] / steps
-        results[mode] = {"step_s": statistics.median(pooled), "tokens_per_s": tokens_per_step / statistics.median(pooled),
-                         "times": pooled, "cpu": cpu[1:], "params": summary["params"],
-                         **{k: v / steps for k, v in tally.items()}}
+        step_s = statistics.median(times)  # rounds are pooled by ``tp2``, which runs one mode per worker
+        results[mode] = {"step_s": step_s, "tokens_per_s": summary["tokens"] / steps / step_s, "times": times,
+                         "cpu": cpu[1:], "params": summary["params"], **{k: v / steps for k, v in tally.items()}}
         del trainer
     if env_of().rank == 0:
         Path(spec["out"], "tp2.json").write_text(json.dumps(results, indent=1))
@@ -357,9 +357,11 @@ def tp2(args) -> dict:
             tokens_per_step = res["tokens_per_s"] * res["step_s"]
             times = pooled.get(mode, {}).get("times", []) + res["times"]
             cpu = pooled.get(mode, {}).get("cpu", []) + res["cpu"]
-            pooled[mode] = {**res, "times": times, "cpu": cpu, "step_s": statistics.median(times),
-                            "tokens_per_s": tokens_per_step / statistics.median(times),
-                            "user_s": statistics.median(u for u, _ in cpu), "sys_s": statistics.median(s for _, s in cpu)}
+            step_s = statistics.median(times)
+            pooled[mode] = {**res, "times": times, "cpu": cpu, "step_s": step_s,
+                            "tokens_per_s": tokens_per_step / step_s,
+                            "user_s": statistics.median(u for u, _ in cpu),
+                            "sys_s": statistics.median(s for _, s in cpu)}
     return pooled
 
 

@@ -27,10 +27,10 @@ import numpy as np
 import numba
 import torch
 
-# Tokens per scratch tile (measured fastest of 32/64/128 at the 60M layer shapes, whole and TP=2-local: the tiles of a
-# [1376, 64] float32 operand and its output stay in a 512 KiB L2), and features per pass of the tile
-# transposes (16 of 8/16/32: the 16 written rows stay in L1 while the tokens pass; 2.4x the torch
-# reference at 256 tokens, 1.5x at 2048, where 32 falls below the reference).
+# Tokens per scratch tile (measured fastest of 32/64/128 at the 60M layer shapes, whole and
+# TP=2-local: the tiles of a [1376, 64] float32 operand and its output stay in a 512 KiB L2), and
+# features per pass of the tile transposes (16 of 8/16/32: the 16 written rows stay in L1 while the
+# tokens pass; 2.4x the torch reference at 256 tokens, 1.5x at 2048, where 32 falls below it).
 TOKEN_TILE = 64
 FEATURE_BLOCK = 16
 _NATIVE = (torch.float32, torch.float64)
