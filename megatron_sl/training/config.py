@@ -220,6 +220,10 @@ class LaunchSection(_Section):
     nproc_per_node: Int = Field(1, description="local ranks started through torchrun")
     master_port: Optional[Int] = Field(None, description="rendezvous port (null: a free one)")
     device: _choice("auto", "cpu", "cuda") = Field("auto", description="auto: CUDA when available, else CPU")
+    cpu_retain_freed_memory: Bool = Field(
+        True, description="on CPU every rank keeps freed memory for reuse (glibc mallopt: no mmap for large "
+                          "blocks, no heap trimming) instead of faulting its step buffers in again every step; "
+                          "resident memory stays at the high-water mark (any launcher)")
 
 
 class MetricsSection(_Section):

@@ -46,7 +46,7 @@ from .consistency import assert_identical_across_dp, count_params, replicated_mi
 from .config import TrainConfig, dump_config
 from .guards import Diverged, StepGuard, Watchdog
 from .preemption import PreemptionHandler
-from .distributed import init_distributed, resolve_device
+from .distributed import init_distributed, resolve_device, retain_freed_memory
 from .metrics import MetricsLog, Progress
 from .monitoring import MetricsRegistry
 from .resume_check import run_config_record
@@ -106,6 +106,8 @@ class Trainer:
 
         self.cfg, self.plan = cfg, plan
         self.device = resolve_device(cfg.launch.device)
+        if self.device == "cpu" and cfg.launch.cpu_retain_freed_memory:
+            retain_freed_memory()
         self.env = init_distributed(self.device, plan.tp, cfg.train.seed, use_deepspeed=plan.use_deepspeed)
         self.ps = ps
         self.rank0 = dist.get_rank() == 0
