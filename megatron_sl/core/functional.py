@@ -14,9 +14,11 @@ layers tag it and the sum over TP happens once per optimizer step, coalesced
 (``megatron_sl.parallel.grad_sync``), like megatron-core's ``finalize_model_grads``.
 
 The sparse primitives are the ``megatron_sl::*`` custom ops of ``core.ops`` (densify, sddmm,
-spmm_accumulate): each picks the Triton kernels or the torch reference per call, whatever was imported,
-and each has a fake implementation, so ``torch.compile(fullgraph=True)`` traces both paths. The
-support is handed over explicitly (the layer's ``SupportLayout``); nothing is cached between calls.
+spmm_accumulate): each picks the Triton or numba kernels or the torch reference per call, whatever
+was imported, and each has a fake implementation, so ``torch.compile(fullgraph=True)`` traces both
+paths. Eager calls of sddmm and spmm_accumulate run the ops' bodies directly (``core.ops.*_eager``),
+skipping the custom-op dispatch, which costs as much as a small sparse product. The support is
+handed over explicitly (the layer's ``SupportLayout``); nothing is cached between calls.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cost_model
-from . import ops  # noqa: F401  (defines the megatron_sl::* custom ops used below)
+from . import ops  # defines the megatron_sl::* custom ops used below
 from .reference import (TOKEN_CHUNK, SupportLayout, densify_reference, sddmm_reference,  # noqa: F401 (re-exported)
                         spmm_accumulate_reference, values_grad_reference)
 
@@ -38,8 +40,19 @@ def _densify(B, A, values, idx, scale):
 
 def _spmm_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Tensor, dense: torch.Tensor,
                      transpose: bool) -> torch.Tensor:
-    torch.ops.megatron_sl.spmm_accumulate(out, dense, layout.flat(dense.device), values, transpose)
+    args = (out, dense, layout.flat(dense.device), values, transpose)
+    if torch.compiler.is_compiling():
+        torch.ops.megatron_sl.spmm_accumulate(*args)
+    else:  # eager: the op's body without its dispatch (a layer makes 2-3 of these calls per part)
+        ops.spmm_accumulate_eager(*args)
     return out
+
+
+def _sddmm(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Tensor:
+    idx = layout.flat(x.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.megatron_sl.sddmm(dy, x, idx)
+    return ops.sddmm_eager(dy, x, idx)
 
 
 # ----------------------------------------------------------------------------- math of both paths
@@ -100,8 +113,7 @@ def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout"
         dz = carry if carry is not None else torch.mm(dy, B).mul_(s)
         dA = dz.t() @ x
     if need_v:
-        dv = (torch.ops.megatron_sl.sddmm(dy, x, layout.flat(x.device)).to(values.dtype) if layout.nnz
-              else torch.zeros_like(values))
+        dv = _sddmm(dy, x, layout).to(values.dtype) if layout.nnz else torch.zeros_like(values)
     return dB, dA, dv
 
 
