@@ -15,7 +15,8 @@ Part 3, tensor-parallel communication (``--tp2``): 2 gloo ranks, TP=2, the ``60m
 gradient accumulation 4 (micro-batch 1), real ``megatron-sl train`` runs (ZeRO-1) on a small prepared
 corpus: SL with the replicated-factor gradients summed over TP once per step ("after"), SL with them
 all-reduced per part in every micro-batch's backward as before ("before", emulated with per-parameter
-gradient hooks and the once-per-step sum switched off; same numerics), and dense. Reported: median
+gradient hooks and the once-per-step sum switched off; same numerics), "after" with ``sl.save_xa``
+(x·Aᵀ kept for backward: one GEMM less per SL part and micro-batch, T·r more activations), and dense. Reported: median
 step time, tokens/s, rank 0's user and system CPU seconds per step (user time is the compute; steal
 time on a shared host inflates wall time but not user time, and system time shows page-fault cost),
 and bytes all-reduced per step on the TP group, split into gradient reductions and activations/loss.
@@ -250,7 +251,8 @@ def print_memory(device_name, mem):
                   f"{m['peak_mb']/dense:.2f}x |")
 
 
-TP2_MODES = ("sl_after", "sl_before", "dense")
+# sl_save_xa: "after" with sl.save_xa (x·Aᵀ kept for backward instead of recomputed)
+TP2_MODES = ("sl_after", "sl_save_xa", "sl_before", "dense")
 
 
 def tp2_worker(spec_path: str) -> int:
@@ -273,6 +275,8 @@ def tp2_worker(spec_path: str) -> int:
         run_dir = Path(spec["out"], f"{run_no:02d}_{mode}")
         overrides = spec["overrides"] + [f"run.output_dir={run_dir}",
                                          f"model.variant={'dense' if mode == 'dense' else 'sl'}"]
+        if mode == "sl_save_xa":
+            overrides.append("sl.save_xa=true")
         cfg = load_config(None, overrides)
         trainer = Trainer(cfg, make_plan(cfg, env_of().world_size, check_outputs=False))
         if mode == "sl_before":  # the previous behaviour: every part's partial gradient, every micro-batch

@@ -184,8 +184,11 @@ def headline(rows: list) -> list:
         if "sl_after" in tp2 and "dense" in tp2:
             sl, dense = tp2["sl_after"], tp2["dense"]
             compute = sl.get("user CPU, dense / run")  # wall time also carries steal and page-fault time
+            saved = tp2.get("sl_save_xa")
             out.append(f"- {kind} TP=2, GA=4: SL tokens/s = {sl['vs dense']}× dense"
                        + (f" (compute, dense user CPU / SL user CPU per step: {compute}×)" if compute else "")
+                       + (f"; with sl.save_xa {saved['vs dense']}× ({saved.get('user CPU, dense / run')}× by "
+                          "compute)" if saved else "")
                        + f"; TP gradient-like all-reduces per step: SL {sl['TP grad all-reduces / step']}, "
                        f"dense {dense['TP grad all-reduces / step']}")
         mem = [r for r in rows_of("memory", kind) if r.get("error", "").endswith("%")]

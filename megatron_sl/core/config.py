@@ -27,6 +27,10 @@ class SLConfig:
         targets: which megatron slots are SL; the others stay dense (full-rank).
         path: "auto" picks dense materialisation or the factored path per call from the cost
             model in ``megatron_sl.core.cost_model``; "dense"/"factored" force one.
+        save_xa: the factored path keeps x·Aᵀ ([T, r] per part) from forward for backward instead
+            of recomputing it: one T·in·r GEMM less per part and micro-batch for T·r more saved
+            activation elements (not divided by TP: A of a column part is replicated). Same
+            results either way.
     """
 
     rank: int = 128
@@ -35,6 +39,7 @@ class SLConfig:
     seed: int = 0
     targets: Tuple[str, ...] = SLOTS
     path: str = "auto"
+    save_xa: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -46,6 +51,8 @@ class SLConfig:
             raise ValueError(f"SLConfig.path={self.path!r} is not one of {PATHS}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"SLConfig.seed={self.seed!r} must be an int")
+        if not isinstance(self.save_xa, bool):
+            raise ValueError(f"SLConfig.save_xa={self.save_xa!r} must be a bool")
 
     @property
     def scale(self) -> float:

@@ -1,12 +1,14 @@
 """The SL linear as custom autograd Functions (pure torch), exact in both directions.
 
 y = x Wᵀ + b with W = s·B A + S. Forward saves only x, B, A, values (and the layer's index
-structures, which are fixed); nothing with out x in elements and no scaled copy of A is kept
-between forward and backward -- backward recomputes what it needs. Two paths, picked by
+structures, which are fixed; x·Aᵀ too under ``save_xa``); nothing with out x in elements and no
+scaled copy of A is kept between forward and backward -- backward recomputes what it needs. Two paths, picked by
 ``cost_model.choose_path`` unless forced (see that module for the FLOP accounting):
 
 * dense:    W = densify(B, A, values); y = F.linear(x, W). Backward recomputes W.
-* factored: y = s·(x Aᵀ) Bᵀ + x Sᵀ with CSR sparse products; backward recomputes x Aᵀ.
+* factored: y = s·(x Aᵀ) Bᵀ + x Sᵀ with CSR sparse products; backward recomputes x Aᵀ, or
+  reads it when the layer saves it (``SLConfig.save_xa``: T·r more activation elements per layer
+  for one T·in·r GEMM less).
 
 Tensor parallelism: the Functions issue no collective. A factor replicated across TP ranks (A of
 column-parallel, B of row-parallel layers) gets this rank's partial gradient; the tensor-parallel
@@ -60,15 +62,20 @@ def _sddmm(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Te
 # products in one Function of their own (e.g. the sequence-parallel column layer, which saves only
 # its sequence shard and gathers the input again in backward).
 
-def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None):
-    """y = x (s·B A + S)ᵀ (+ bias) for x [T, in], on ``path`` ("dense" or "factored")."""
+def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None, keep_xa=False):
+    """y = x (s·B A + S)ᵀ (+ bias) for x [T, in], on ``path`` ("dense" or "factored"). With
+    ``keep_xa`` returns (y, xa): the factored path's x·Aᵀ [T, r] for ``backward_weight_math`` (None
+    on the dense path)."""
     if path == "dense":
         W = _densify(B, A, values, layout.flat(x.device), scale)
-        return F.linear(x, W, bias)
-    y = torch.mm(x @ A.t(), B.t()).mul_(scale)
+        y = F.linear(x, W, bias)
+        return (y, None) if keep_xa else y
+    xa = x @ A.t()
+    y = torch.mm(xa, B.t()).mul_(scale)
     if layout.nnz:
         _spmm_accumulate(y, layout, values, x, transpose=False)
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return (y, xa) if keep_xa else y
 
 
 def backward_input_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
@@ -89,9 +96,10 @@ def backward_input_math(path: str, dy, x, B, A, values, layout: "SupportLayout",
 
 
 def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
-                         needs=(True, True, True), carry=None):
+                         needs=(True, True, True), carry=None, xa=None):
     """The second half of ``backward_math``: (dB, dA, dvalues), None where ``needs`` (B, A, values)
-    is False; ``carry`` is what ``backward_input_math`` returned."""
+    is False; ``carry`` is what ``backward_input_math`` returned; ``xa`` the x·Aᵀ forward kept
+    (recomputed when None)."""
     need_B, need_A, need_v = needs
     s = scale
     dy = dy.contiguous()
@@ -108,7 +116,7 @@ def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout"
             del G
         return dB, dA, dv
     if need_B:
-        dB = torch.mm(dy.t(), x @ A.t()).mul_(s)
+        dB = torch.mm(dy.t(), x @ A.t() if xa is None else xa).mul_(s)
     if need_A:
         dz = carry if carry is not None else torch.mm(dy, B).mul_(s)
         dA = dz.t() @ x
@@ -118,12 +126,13 @@ def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout"
 
 
 def backward_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
-                  needs=(True, True, True, True)):
+                  needs=(True, True, True, True), xa=None):
     """(dx, dB, dA, dvalues) for dy [T, out] and the saved x [T, in]; entries whose ``needs`` flag
     (x, B, A, values) is False are None. Nothing with out x in elements outlives this call."""
     need_x, need_B, need_A, need_v = needs
     dx, carry = backward_input_math(path, dy, x, B, A, values, layout, scale, need_x, need_A)
-    return (dx, *backward_weight_math(path, dy, x, B, A, values, layout, scale, (need_B, need_A, need_v), carry))
+    return (dx, *backward_weight_math(path, dy, x, B, A, values, layout, scale, (need_B, need_A, need_v), carry,
+                                      xa))
 
 
 def choose(path: str, tokens: int, layout: "SupportLayout", rank: int, device_type: str) -> str:
@@ -140,21 +149,22 @@ def choose(path: str, tokens: int, layout: "SupportLayout", rank: int, device_ty
 
 def _sl_function(path: str, doc: str) -> type:
     """The autograd Function of one path: saves x, B, A, values (never W, never a scaled copy of
-    A); backward recomputes the rest with ``backward_math``."""
+    A), and with ``save_xa`` the factored path's x·Aᵀ; backward recomputes the rest with
+    ``backward_math``."""
 
-    def forward(ctx, x, B, A, values, bias, layout, scale):
-        y = forward_math(path, x, B, A, values, layout, scale, bias)
-        ctx.save_for_backward(x, B, A, values)
+    def forward(ctx, x, B, A, values, bias, layout, scale, save_xa):
+        y, xa = forward_math(path, x, B, A, values, layout, scale, bias, keep_xa=True)
+        ctx.save_for_backward(x, B, A, values, *([xa] if save_xa and xa is not None else []))
         ctx.layout, ctx.scale = layout, scale
         ctx.has_bias = bias is not None
         return y
 
     def backward(ctx, dy):
-        x, B, A, values = ctx.saved_tensors
+        x, B, A, values, *xa = ctx.saved_tensors
         dx, dB, dA, dv = backward_math(path, dy, x, B, A, values, ctx.layout, ctx.scale,
-                                       tuple(ctx.needs_input_grad[:4]))
+                                       tuple(ctx.needs_input_grad[:4]), xa[0] if xa else None)
         db = dy.sum(0) if (ctx.needs_input_grad[4] and ctx.has_bias) else None
-        return dx, dB, dA, dv, db, None, None
+        return dx, dB, dA, dv, db, None, None, None
 
     name = f"SL{path.capitalize()}Function"
     return type(name, (torch.autograd.Function,), {"__doc__": doc, "__qualname__": name,
@@ -169,15 +179,17 @@ FUNCTIONS = {"dense": SLDenseFunction, "factored": SLFactoredFunction}
 
 
 def sl_linear(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, values: torch.Tensor, layout: SupportLayout,
-              scale: float, bias: Optional[torch.Tensor] = None, path: str = "auto") -> torch.Tensor:
-    """y = x (scale·B A + S)ᵀ + bias for x of shape [..., in]; returns [..., out]."""
+              scale: float, bias: Optional[torch.Tensor] = None, path: str = "auto",
+              save_xa: bool = False) -> torch.Tensor:
+    """y = x (scale·B A + S)ᵀ + bias for x of shape [..., in]; returns [..., out]. ``save_xa``
+    keeps the factored path's x·Aᵀ for backward instead of recomputing it (``SLConfig.save_xa``)."""
     m, n = layout.shape
     if x.shape[-1] != n:
         raise ValueError(f"input has {x.shape[-1]} features, the SL layer expects {n}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     path = choose(path, x2.shape[0], layout, A.shape[0], x.device.type)
-    y = FUNCTIONS[path].apply(x2, B, A, values, bias, layout, float(scale))
+    y = FUNCTIONS[path].apply(x2, B, A, values, bias, layout, float(scale), bool(save_xa))
     # Not a view of y (the aten op torch.matmul unfolds its result with): megatron's bias-dropout-add
     # adds in place without autograd and then makes its result "viewless" by assigning ``.data``,
     # which torch.compile cannot trace for a view.

@@ -100,8 +100,9 @@ class _ColumnSL(torch.autograd.Function):
 
     Forward takes the input as the layer gets it ([s, b, in]; under sequence parallel the shard
     [s/tp, b, in], all-gathered here) and writes each part's outputs straight to their columns of
-    megatron's local layout (``positions``): no concatenation or permutation of the output. Only
-    the input as given is saved (under sequence parallel backward all-gathers it again).
+    megatron's local layout (``positions``): no concatenation or permutation of the output. The
+    input is saved as given (under sequence parallel backward all-gathers it again), and each
+    factored part's x·Aᵀ under ``SLConfig.save_xa``.
 
     Backward computes the input gradient of every part first, starts its all-reduce over TP (its
     reduce-scatter along the sequence under sequence parallel) asynchronously, computes the weight
@@ -110,24 +111,28 @@ class _ColumnSL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_in, group, sequence_parallel, parts, scale, path, out_features, *params):
+    def forward(ctx, x_in, group, sequence_parallel, parts, scale, path, save_xa, out_features, *params):
         x_full = _all_gather_seq(x_in, group) if sequence_parallel else x_in
         lead = x_full.shape[:-1]
         x2 = x_full.reshape(-1, x_full.shape[-1])
         y = x2.new_empty((x2.shape[0], out_features))
-        paths = []
+        paths, xas = [], []
         for i, (layout, positions) in enumerate(parts):
             B, A, values = params[3 * i:3 * i + 3]
             pth = choose(path, x2.shape[0], layout, A.shape[0], x2.device.type)
             paths.append(pth)
-            y.index_copy_(1, positions, forward_math(pth, x2, B, A, values, layout, scale))
-        ctx.save_for_backward(x_in, *params)
+            yi, xa = forward_math(pth, x2, B, A, values, layout, scale, keep_xa=True)
+            y.index_copy_(1, positions, yi)
+            xas.append(xa if save_xa and xa is not None else x2.new_empty(0))  # empty: recomputed
+        ctx.save_for_backward(x_in, *params, *xas)
+        ctx.n_params = len(params)
         ctx.group, ctx.sequence_parallel, ctx.parts, ctx.scale, ctx.paths = group, sequence_parallel, parts, scale, paths
         return y.reshape(*lead, out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x_in, *params = ctx.saved_tensors
+        x_in, *saved = ctx.saved_tensors
+        params, xas = saved[:ctx.n_params], saved[ctx.n_params:]
         group = ctx.group
         x_full = _all_gather_seq(x_in, group) if ctx.sequence_parallel else x_in
         lead = x_full.shape[:-1]
@@ -139,7 +144,7 @@ class _ColumnSL(torch.autograd.Function):
             B, A, values = params[3 * i:3 * i + 3]
             dys.append(dy2.index_select(1, positions))
             dxi, carry = backward_input_math(pth, dys[i], x2, B, A, values, layout, ctx.scale, need_x,
-                                             ctx.needs_input_grad[8 + 3 * i])
+                                             ctx.needs_input_grad[9 + 3 * i])
             carries.append(carry)
             if dxi is not None:
                 dx = dxi if dx is None else dx.add_(dxi)
@@ -156,11 +161,12 @@ class _ColumnSL(torch.autograd.Function):
         for i, ((layout, _), pth) in enumerate(zip(ctx.parts, ctx.paths)):
             B, A, values = params[3 * i:3 * i + 3]
             grads += backward_weight_math(pth, dys[i], x2, B, A, values, layout, ctx.scale,
-                                          ctx.needs_input_grad[7 + 3 * i:10 + 3 * i], carries[i])
+                                          ctx.needs_input_grad[8 + 3 * i:11 + 3 * i], carries[i],
+                                          xas[i] if xas[i].numel() else None)
         if handle is not None:
             handle.wait()
         del dx_sent
-        return (dx, None, None, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, None, None, *grads)
 
 
 class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
@@ -252,7 +258,7 @@ class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
         params = [t for p in parts for t in (p.B, p.A, p.values)]
         where = [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()]
         y = _ColumnSL.apply(input_, group, self.sequence_parallel, where, self.scale, self.sl_config.path,
-                            self.global_rows.numel(), *params)
+                            self.sl_config.save_xa, self.global_rows.numel(), *params)
         if self.bias is not None and not self.skip_bias_add:
             y = y + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -350,7 +356,8 @@ class SLRowParallelLinear(NamedAfterBuild, nn.Module):
         if group is not None and not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(input_, group=group)
         (p,) = self.parts.values()
-        y = sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path)
+        y = sl_linear(x, p.B, p.A, p.values, p.layout, self.scale, path=self.sl_config.path,
+                      save_xa=self.sl_config.save_xa)
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, group=group)
         elif group is not None:

@@ -109,6 +109,9 @@ class SLSection(_Section):
                                             "others stay dense")
     path: _choice(*SL_PATHS) = Field("auto", description="auto: the cost model picks dense materialisation or "
                                                          "the factored path per call; dense / factored force one")
+    save_xa: Bool = Field(False, description="the factored path keeps x·Aᵀ (T x r per SL part) for backward "
+                                             "instead of recomputing it: one GEMM less per part and micro-batch "
+                                             "for T·r more activation elements; same results")
 
     @field_validator("targets")
     @classmethod

@@ -162,7 +162,8 @@ def check_model(cfg: TrainConfig, preset, tp: int) -> Optional[SLConfig]:
         _fail(f"config key sl.density={cfg.sl.density!r} contradicts model.variant='lowrank' (density 0)")
     try:
         slc = variant_sl_config(SLConfig(rank=rank, density=density, alpha=alpha, seed=cfg.sl.seed,
-                                         targets=tuple(cfg.sl.targets), path=cfg.sl.path), cfg.model.variant)
+                                         targets=tuple(cfg.sl.targets), path=cfg.sl.path, save_xa=cfg.sl.save_xa),
+                                 cfg.model.variant)
     except ValueError as e:
         _fail(f"config section sl: {e}")
     from ..model.param_count import count_parameters

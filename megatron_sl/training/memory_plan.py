@@ -19,7 +19,7 @@ What one rank holds, by component (bytes):
 * **index**: the SL supports, ``index_bytes(nnz)`` (4 bytes per nonzero: the int32 canonical index).
 * **activations**: what autograd saves for backward in one micro-batch of megatron's local LLaMA
   layer (RMSNorm saves its input and normalised input in fp32 and 1/rms; each linear saves its input,
-  an SL linear nothing else; RoPE'd Q and GQA-expanded K, V; the fp32 softmax probabilities of the
+  an SL linear nothing else, or under ``sl.save_xa`` x·Aᵀ ([T, r]) per factored part; RoPE'd Q and GQA-expanded K, V; the fp32 softmax probabilities of the
   local ``DotProductAttention``, b·heads/TP·s² elements, plus their 16-bit copy in bf16 runs; SwiGLU
   4·T·ffn/TP; the final norm and output layer
   input; the vocab-parallel cross entropy's fp32 softmax, T·vocab/TP), divided by TP where megatron
@@ -215,7 +215,7 @@ def activation_model(s: Setting) -> dict:
     rope = 4 * seq * hn * 4
     # softmax runs in fp32 and saves its fp32 output; a 16-bit model keeps the cast copy for the bmm too
     probs_bytes = probs * (4 + (ab if ab != 4 else 0))
-    full_layer = 2 * norm + (attn_inputs + q + kv_expanded + mlp) * ab + probs_bytes + rope
+    full_layer = 2 * norm + (attn_inputs + q + kv_expanded + mlp) * ab + probs_bytes + rope + saved_xa_bytes(s)
     layer_input = T * h / sp * ab
     if s.recompute == "full":
         per_layer = layer_input
@@ -230,18 +230,38 @@ def activation_model(s: Setting) -> dict:
             "score_buffer": probs * ab, "logits": T * V * ab}
 
 
-def sl_backward_temporary(s: Setting, tensors: List[Tensor]) -> float:
-    """Largest transient of one SL linear's backward on this rank: the dense path re-forms W and the
-    dense weight gradient (2·out·in), the factored path x·Aᵀ (T·r); the path as ``cost_model`` picks it."""
-    T = s.seq * s.micro
-    pb, worst = s.param_bytes, 0.0
+def _sl_part_paths(s: Setting, tensors: List[Tensor]) -> List[str]:
+    """The path (as ``cost_model`` picks it for a micro-batch) of every SL part in ``tensors``."""
+    T, paths = s.seq * s.micro, []
     for t in tensors:
         if t.kind == "values" and t.shape:
             m, n = t.shape
             path = s.sl_config.path if s.sl_config is not None else "auto"
             if path == "auto":
                 path = choose_path(T, m, n, s.sl_config.rank, t.numel, "cuda" if s.device == "cuda" else "cpu")
-            worst = max(worst, (2 * m * n if path == "dense" else T * s.sl_config.rank) * pb)
+            paths.append(path)
+    return paths
+
+
+def saved_xa_bytes(s: Setting) -> float:
+    """x·Aᵀ ([T, r], every token also under sequence parallel) that one layer's factored SL parts keep
+    for backward under ``sl.save_xa``."""
+    if s.sl_config is None or not getattr(s.sl_config, "save_xa", False):
+        return 0.0
+    one_layer = [t for t in local_tensors(s.preset, s.variant, s.sl_config, s.vocab, s.tp, 0) if t.layer == 0]
+    n_factored = sum(p == "factored" for p in _sl_part_paths(s, one_layer))
+    return n_factored * s.seq * s.micro * s.sl_config.rank * s.param_bytes
+
+
+def sl_backward_temporary(s: Setting, tensors: List[Tensor]) -> float:
+    """Largest transient of one SL linear's backward on this rank: the dense path re-forms W and the
+    dense weight gradient (2·out·in), the factored path x·Aᵀ (T·r); the path as ``cost_model`` picks it."""
+    T = s.seq * s.micro
+    pb, worst = s.param_bytes, 0.0
+    values = [t for t in tensors if t.kind == "values" and t.shape]
+    for t, path in zip(values, _sl_part_paths(s, values)):
+        m, n = t.shape
+        worst = max(worst, (2 * m * n if path == "dense" else T * s.sl_config.rank) * pb)
     return worst
 
 

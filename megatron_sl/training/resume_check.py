@@ -33,7 +33,7 @@ PROTECTED_KEYS = frozenset({
     "optim.name", "optim.per_layer", "optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps",
     "optim.min_8bit_size", "world_size"})
 # keys inside a protected section that change no result (memory/speed only)
-UNPROTECTED_KEYS = frozenset({"model.recompute"})
+UNPROTECTED_KEYS = frozenset({"model.recompute", "sl.save_xa"})
 # how the state is split over ranks: changed by resharding the checkpoint on resume
 LAYOUT_KEYS = frozenset({"parallel.tensor_parallel", "deepspeed.zero_stage", "world_size"})
 

@@ -29,3 +29,33 @@ def test_graph_saves_only_inputs_and_parameters(path):
         assert t.data_ptr() in params | {x.data_ptr()}, f"saved an intermediate {tuple(t.shape)}"
     y.sum().backward()
     assert layer.A.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("path", ["dense", "factored"])
+def test_save_xa_keeps_one_tokens_by_rank_tensor_and_changes_no_result(path):
+    """save_xa: the factored path also saves x·Aᵀ ([tokens, r]) and backward reads it; the dense
+    path saves nothing more; outputs and every gradient are bitwise those without it."""
+    from megatron_sl.core.functional import sl_linear
+
+    in_f, out_f, rank, tokens = 40, 24, 4, 10
+    layer = SLLinear(in_f, out_f, rank, 0.1, alpha=8.0, name="saved", path=path)
+    x0 = torch.randn(tokens, in_f)
+    runs = {}
+    for save in (False, True):
+        x = x0.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = sl_linear(x, layer.B, layer.A, layer.values, layer.layout, layer.scale, path=path, save_xa=save)
+        layer.zero_grad()
+        (y * torch.linspace(-1, 1, out_f)).sum().backward()
+        runs[save] = (saved, [y, x.grad, layer.B.grad, layer.A.grad, layer.values.grad])
+    (plain, ref), (kept, got) = runs[False], runs[True]
+    shapes = [tuple(t.shape) for t in plain]
+    extra = [t for t in kept if tuple(t.shape) not in shapes or shapes.remove(tuple(t.shape))]
+    if path == "factored":
+        assert [tuple(t.shape) for t in extra] == [(tokens, rank)], [tuple(t.shape) for t in kept]
+        assert torch.equal(extra[0], x0 @ layer.A.detach().t())
+    else:
+        assert extra == [] and len(kept) == len(plain), [tuple(t.shape) for t in kept]
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)

@@ -5,7 +5,8 @@ three parts interleaved; gated fc1: gate and up with stride 2), not counting par
 exceed those of megatron-core's ColumnParallelLinear of the same shape, which saves the local
 [s/tp, b, in] input and gathers it again in backward. Measured with
 ``torch.autograd.graph.saved_tensors_hooks``. Outputs and gradients of the same layers under SP are
-checked against dense references in ``test_parallel_layers.py``.
+checked against dense references in ``test_parallel_layers.py``. Under ``save_xa`` the layer keeps
+exactly one [T, r] tensor more per part, and its gradients are bitwise those of recomputing it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,20 @@ def _case(rank, world_size):
             x = torch.randn(S // world_size, BATCH, D, requires_grad=True)
             out[f"{slot}/{path}"] = (_saved_bytes(sl, x, list(sl.parameters())),
                                      _saved_bytes(mega, x, list(mega.parameters())))
+        # sl.save_xa: the same layer also keeps each part's x·Aᵀ ([S·BATCH, r], every token: the
+        # input is gathered) and its gradients are bitwise those of recomputing it
+        grads = {}
+        for save in (False, True):
+            slc = SLConfig(rank=8, density=0.05, alpha=8.0, seed=3, path="factored", save_xa=save)
+            sl = SLColumnParallelLinear(D, fout, config=config, init_method=None, bias=False, gather_output=False,
+                                        stride=stride, skip_bias_add=False, tp_comm_buffer_name=slot, tp_group=tpg,
+                                        sl_config=slc, layer_name=f"sp.{slot}")
+            torch.manual_seed(5)
+            x = torch.randn(S // world_size, BATCH, D, requires_grad=True)
+            saved = _saved_bytes(sl, x, list(sl.parameters()))
+            grads[save] = [x.grad] + [p.grad for p in sl.parameters()]
+            out[f"{slot}/save_xa={save}"] = (saved, len(sl.parts))
+        out[f"{slot}/save_xa grads equal"] = all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
     return out
 
 
@@ -72,6 +87,11 @@ def test_sl_column_saves_only_the_sequence_shard():
     results = run_distributed(_case, TP, timeout=180)
     local_input = S // TP * BATCH * D * 4
     for rank_result in results:
-        for case, (sl, mega) in rank_result.items():
+        for case, (sl, mega) in ((c, v) for c, v in rank_result.items() if "save_xa" not in c):
             assert mega == local_input, (case, mega, local_input)  # megatron: the local shard only
             assert sl <= mega, f"{case}: SL layer saves {sl} bytes, megatron's ColumnParallelLinear {mega}"
+        for slot in ("qkv", "fc1"):
+            (plain, parts), (kept, _) = rank_result[f"{slot}/save_xa=False"], rank_result[f"{slot}/save_xa=True"]
+            assert plain == local_input, (slot, plain)
+            assert kept - plain == parts * S * BATCH * 8 * 4, (slot, plain, kept, parts)  # parts x [T, r] fp32
+            assert rank_result[f"{slot}/save_xa grads equal"], slot

@@ -102,6 +102,23 @@ def test_recompute_zero_and_tp_lower_the_plan():
     assert two.params < one.params and two.phases["forward"] < one.phases["forward"]
 
 
+def test_save_xa_adds_one_tokens_by_rank_tensor_per_sl_part():
+    """sl.save_xa keeps x·Aᵀ, [T, r] for every token (also at TP=2: column parts' A is replicated), for
+    each of a layer's 7 SL parts (q, k, v, o, gate, up, down) in every layer's forward peak."""
+    from megatron_sl.training.memory_plan import activation_model, setting_from_config
+
+    for tp in (1, 2):
+        ov = ("sl.path=factored", "launch.nproc_per_node=2", f"parallel.tensor_parallel={tp}")
+        per_layer = {}
+        for save in (False, True):
+            cfg, plan = _plan(*ov, f"sl.save_xa={str(save).lower()}")
+            s = setting_from_config(cfg, plan, device="cpu")
+            per_layer[save] = activation_model(s)["per_layer"]
+        T = plan.seq_length * cfg.train.micro_batch_size
+        assert per_layer[True] - per_layer[False] == 7 * T * plan.sl_config.rank * 4, (tp, per_layer)
+        assert plan.sl_config.save_xa
+
+
 def test_plan_cli_table_and_bad_config(capsys):
     from megatron_sl.cli.main import main
 
