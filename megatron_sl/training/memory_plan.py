@@ -19,13 +19,13 @@ What one rank holds, by component (bytes):
 * **index**: the SL supports, ``index_bytes(nnz)`` (4 bytes per nonzero: the int32 canonical index).
 * **activations**: what autograd saves for backward in one micro-batch of megatron's local LLaMA
   layer (RMSNorm saves its input and normalised input in fp32 and 1/rms; each linear saves its input,
-  an SL linear nothing else, or under ``sl.save_xa`` x·Aᵀ ([T, r]) per factored part; RoPE'd Q and GQA-expanded K, V; the fp32 softmax probabilities of the
-  local ``DotProductAttention``, b·heads/TP·s² elements, plus their 16-bit copy in bf16 runs; SwiGLU
-  4·T·ffn/TP; the final norm and output layer
-  input; the vocab-parallel cross entropy's fp32 softmax, T·vocab/TP), divided by TP where megatron
-  shards them, sequence-sharded under SP, and reduced by recompute: ``selective`` keeps Q, K, V and
-  drops the probabilities, ``full`` keeps each layer's input only and recomputes one layer at a
-  time in backward.
+  an SL linear nothing else, or under ``sl.save_xa`` x·Aᵀ ([T, r]) per factored part; RoPE'd Q and
+  GQA-expanded K, V; the fp32 softmax probabilities of the local ``DotProductAttention``,
+  b·heads/TP·s² elements, plus their 16-bit copy in bf16 runs; SwiGLU 4·T·ffn/TP; the final norm
+  and output layer input; the vocab-parallel cross entropy's fp32 softmax, T·vocab/TP), divided by
+  TP where megatron shards them, sequence-sharded under SP, and reduced by recompute: ``selective``
+  keeps Q, K, V and drops the probabilities, ``full`` keeps each layer's input only and recomputes
+  one layer at a time in backward.
 * **buffers**: megatron's global attention-score buffer (b·heads/TP·s²), DeepSpeed's gradient
   reduce bucket (ZeRO-1/2: ``reduce_bucket_size`` elements, from the first backward of an
   accumulation window to its step).
@@ -246,7 +246,7 @@ def _sl_part_paths(s: Setting, tensors: List[Tensor]) -> List[str]:
 def saved_xa_bytes(s: Setting) -> float:
     """x·Aᵀ ([T, r], every token also under sequence parallel) that one layer's factored SL parts keep
     for backward under ``sl.save_xa``."""
-    if s.sl_config is None or not getattr(s.sl_config, "save_xa", False):
+    if s.sl_config is None or not s.sl_config.save_xa:
         return 0.0
     one_layer = [t for t in local_tensors(s.preset, s.variant, s.sl_config, s.vocab, s.tp, 0) if t.layer == 0]
     n_factored = sum(p == "factored" for p in _sl_part_paths(s, one_layer))
