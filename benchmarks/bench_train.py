@@ -16,10 +16,11 @@ gradient accumulation 4 (micro-batch 1), real ``megatron-sl train`` runs (ZeRO-1
 corpus: SL with the replicated-factor gradients summed over TP once per step ("after"), SL with them
 all-reduced per part in every micro-batch's backward as before ("before", emulated with per-parameter
 gradient hooks and the once-per-step sum switched off; same numerics), "after" with ``sl.save_xa``
-(x·Aᵀ kept for backward: one GEMM less per SL part and micro-batch, T·r more activations), and dense. Reported: median
-step time, tokens/s, rank 0's user and system CPU seconds per step (user time is the compute; steal
-time on a shared host inflates wall time but not user time, and system time shows page-fault cost),
-and bytes all-reduced per step on the TP group, split into gradient reductions and activations/loss.
+(x·Aᵀ kept for backward: one GEMM less per SL part and micro-batch, T·r more activations), and
+dense. Reported: median step time, tokens/s, rank 0's user and system CPU seconds per step (user
+time is the compute; steal time on a shared host inflates wall time but not user time, and system
+time shows page-fault cost), and bytes all-reduced per step on the TP group, split into gradient
+reductions and activations/loss.
 ``--tp2-rounds N`` runs each mode N times, alternating, and pools the step times (a fairer ratio on a
 machine whose load drifts).
 

@@ -2,8 +2,8 @@
 
 y = x Wᵀ + b with W = s·B A + S. Forward saves only x, B, A, values (and the layer's index
 structures, which are fixed; x·Aᵀ too under ``save_xa``); nothing with out x in elements and no
-scaled copy of A is kept between forward and backward -- backward recomputes what it needs. Two paths, picked by
-``cost_model.choose_path`` unless forced (see that module for the FLOP accounting):
+scaled copy of A is kept between forward and backward -- backward recomputes what it needs. Two
+paths, picked by ``cost_model.choose_path`` unless forced (see that module for the FLOP accounting):
 
 * dense:    W = densify(B, A, values); y = F.linear(x, W). Backward recomputes W.
 * factored: y = s·(x Aᵀ) Bᵀ + x Sᵀ with CSR sparse products; backward recomputes x Aᵀ, or
@@ -62,20 +62,18 @@ def _sddmm(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Te
 # products in one Function of their own (e.g. the sequence-parallel column layer, which saves only
 # its sequence shard and gathers the input again in backward).
 
-def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None, keep_xa=False):
-    """y = x (s·B A + S)ᵀ (+ bias) for x [T, in], on ``path`` ("dense" or "factored"). With
-    ``keep_xa`` returns (y, xa): the factored path's x·Aᵀ [T, r] for ``backward_weight_math`` (None
-    on the dense path)."""
+def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None):
+    """(y, xa): y = x (s·B A + S)ᵀ (+ bias) for x [T, in] on ``path`` ("dense" or "factored"), and
+    the factored path's x·Aᵀ [T, r], which a caller may keep for ``backward_weight_math`` (None on
+    the dense path)."""
     if path == "dense":
         W = _densify(B, A, values, layout.flat(x.device), scale)
-        y = F.linear(x, W, bias)
-        return (y, None) if keep_xa else y
+        return F.linear(x, W, bias), None
     xa = x @ A.t()
     y = torch.mm(xa, B.t()).mul_(scale)
     if layout.nnz:
         _spmm_accumulate(y, layout, values, x, transpose=False)
-    y = y if bias is None else y + bias
-    return (y, xa) if keep_xa else y
+    return (y if bias is None else y + bias), xa
 
 
 def backward_input_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
@@ -153,7 +151,7 @@ def _sl_function(path: str, doc: str) -> type:
     ``backward_math``."""
 
     def forward(ctx, x, B, A, values, bias, layout, scale, save_xa):
-        y, xa = forward_math(path, x, B, A, values, layout, scale, bias, keep_xa=True)
+        y, xa = forward_math(path, x, B, A, values, layout, scale, bias)
         ctx.save_for_backward(x, B, A, values, *([xa] if save_xa and xa is not None else []))
         ctx.layout, ctx.scale = layout, scale
         ctx.has_bias = bias is not None

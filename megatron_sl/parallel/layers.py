@@ -121,7 +121,7 @@ class _ColumnSL(torch.autograd.Function):
             B, A, values = params[3 * i:3 * i + 3]
             pth = choose(path, x2.shape[0], layout, A.shape[0], x2.device.type)
             paths.append(pth)
-            yi, xa = forward_math(pth, x2, B, A, values, layout, scale, keep_xa=True)
+            yi, xa = forward_math(pth, x2, B, A, values, layout, scale)
             y.index_copy_(1, positions, yi)
             xas.append(xa if save_xa and xa is not None else x2.new_empty(0))  # empty: recomputed
         ctx.save_for_backward(x_in, *params, *xas)

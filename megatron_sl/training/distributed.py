@@ -104,9 +104,10 @@ def retain_freed_memory() -> bool:
     threshold (128 KiB rising to 32 MiB) anew and unmaps them on free, so every step faults their
     pages in again, and where the hypervisor reclaims freed guest pages each fault also exits to
     the host. On the 2-core CI machine, 60M at TP=2 (``benchmarks/bench_train.py --tp2``), rank 0's
-    system time per step fell from 1.0-1.3 s to 0.2-0.3 s, dense and SL alike. The cost: resident memory stays at the process's high-water mark (plus glibc's
-    fragmentation), which a training process reaches in its first steps anyway. PyTorch's CPU
-    performance tuning guide gets the same effect by preloading jemalloc or tcmalloc.
+    system time per step fell from 1.0-1.3 s to 0.2-0.3 s, dense and SL alike. The cost: resident
+    memory stays at the process's high-water mark (plus glibc's fragmentation), which a training
+    process reaches in its first steps anyway. PyTorch's CPU performance tuning guide gets the
+    same effect by preloading jemalloc or tcmalloc.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

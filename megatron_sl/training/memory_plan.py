@@ -199,8 +199,9 @@ def _partition(numel: int, dp: int) -> int:
 
 # ----------------------------------------------------------------------------- activations
 
-def activation_model(s: Setting) -> dict:
-    """Saved activations per transformer layer and outside the layers, plus buffers, in bytes (one micro-batch)."""
+def activation_model(s: Setting, tensors: List[Tensor]) -> dict:
+    """Saved activations per transformer layer and outside the layers, plus buffers, in bytes (one
+    micro-batch); ``tensors`` are the rank's ``local_tensors``."""
     p = s.preset
     h, f, heads, groups, hn = p.hidden_size, p.ffn_hidden_size, p.num_attention_heads, p.num_query_groups, p.head_dim
     T, b, seq, tp = s.seq * s.micro, s.micro, s.seq, s.tp
@@ -215,7 +216,7 @@ def activation_model(s: Setting) -> dict:
     rope = 4 * seq * hn * 4
     # softmax runs in fp32 and saves its fp32 output; a 16-bit model keeps the cast copy for the bmm too
     probs_bytes = probs * (4 + (ab if ab != 4 else 0))
-    full_layer = 2 * norm + (attn_inputs + q + kv_expanded + mlp) * ab + probs_bytes + rope + saved_xa_bytes(s)
+    full_layer = 2 * norm + (attn_inputs + q + kv_expanded + mlp) * ab + probs_bytes + rope + saved_xa_bytes(s, tensors)
     layer_input = T * h / sp * ab
     if s.recompute == "full":
         per_layer = layer_input
@@ -243,12 +244,12 @@ def _sl_part_paths(s: Setting, tensors: List[Tensor]) -> List[str]:
     return paths
 
 
-def saved_xa_bytes(s: Setting) -> float:
+def saved_xa_bytes(s: Setting, tensors: List[Tensor]) -> float:
     """x·Aᵀ ([T, r], every token also under sequence parallel) that one layer's factored SL parts keep
-    for backward under ``sl.save_xa``."""
+    for backward under ``sl.save_xa`` (layer 0 of the rank's ``tensors``; every layer has the same)."""
     if s.sl_config is None or not s.sl_config.save_xa:
         return 0.0
-    one_layer = [t for t in local_tensors(s.preset, s.variant, s.sl_config, s.vocab, s.tp, 0) if t.layer == 0]
+    one_layer = [t for t in tensors if t.layer == 0]
     n_factored = sum(p == "factored" for p in _sl_part_paths(s, one_layer))
     return n_factored * s.seq * s.micro * s.sl_config.rank * s.param_bytes
 
@@ -354,7 +355,7 @@ def rank_plan(s: Setting, tp_rank: int, rank: int = 0, dp_rank: int = 0) -> Rank
     """Simulate one rank through set-up, the forward, backward and optimizer step of a full window."""
     tensors = local_tensors(s.preset, s.variant, s.sl_config, s.vocab, s.tp, tp_rank)
     e = engine_model(s, tensors)
-    a = activation_model(s)
+    a = activation_model(s, tensors)
     L, pb, ab = s.preset.num_layers, s.param_bytes, s.param_bytes
     T, h, f, tp = s.seq * s.micro, s.preset.hidden_size, s.preset.ffn_hidden_size, s.tp
     deepspeed, stage = not s.per_layer, s.zero_stage

@@ -113,7 +113,8 @@ def test_save_xa_adds_one_tokens_by_rank_tensor_per_sl_part():
         for save in (False, True):
             cfg, plan = _plan(*ov, f"sl.save_xa={str(save).lower()}")
             s = setting_from_config(cfg, plan, device="cpu")
-            per_layer[save] = activation_model(s)["per_layer"]
+            tensors = local_tensors(s.preset, s.variant, s.sl_config, s.vocab, s.tp, 0)
+            per_layer[save] = activation_model(s, tensors)["per_layer"]
         T = plan.seq_length * cfg.train.micro_batch_size
         assert per_layer[True] - per_layer[False] == 7 * T * plan.sl_config.rank * 4, (tp, per_layer)
         assert plan.sl_config.save_xa
