@@ -40,8 +40,9 @@ def _densify(B, A, values, idx, scale):
     return torch.ops.megatron_sl.densify(B, A, values, idx, float(scale))
 
 
-def _spmm_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Tensor, dense: torch.Tensor,
-                     transpose: bool) -> torch.Tensor:
+def sparse_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Tensor, dense: torch.Tensor,
+                      transpose: bool) -> torch.Tensor:
+    """out += dense Sᵀ (dense [T, in], out [T, out]) or, with ``transpose``, out += dense S; returns out."""
     args = (out, dense, layout.flat(dense.device), values, transpose)
     if torch.compiler.is_compiling():
         torch.ops.megatron_sl.spmm_accumulate(*args)
@@ -50,11 +51,21 @@ def _spmm_accumulate(out: torch.Tensor, layout: SupportLayout, values: torch.Ten
     return out
 
 
-def _sddmm(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Tensor:
+def sparse_values_grad(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Tensor:
+    """g_k = Σ_t dy[t, row_k]·x[t, col_k] over the support, in its order (the SDDMM)."""
     idx = layout.flat(x.device)
     if torch.compiler.is_compiling():
         return torch.ops.megatron_sl.sddmm(dy, x, idx)
     return ops.sddmm_eager(dy, x, idx)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """a @ b, written into ``out`` (which may be a column slice) when given."""
+    if out is None:
+        return torch.mm(a, b)
+    if torch.compiler.is_compiling():  # dynamo refuses a non-contiguous out=
+        return out.copy_(torch.mm(a, b))
+    return torch.mm(a, b, out=out)
 
 
 # ----------------------------------------------------------------------------- math of both paths
@@ -62,34 +73,40 @@ def _sddmm(dy: torch.Tensor, x: torch.Tensor, layout: SupportLayout) -> torch.Te
 # products in one Function of their own (e.g. the sequence-parallel column layer, which saves only
 # its sequence shard and gathers the input again in backward).
 
-def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None):
+def forward_math(path: str, x, B, A, values, layout: "SupportLayout", scale: float, bias=None, *,
+                 out=None, sparse: bool = True):
     """(y, xa): y = x (s·B A + S)ᵀ (+ bias) for x [T, in] on ``path`` ("dense" or "factored"), and
     the factored path's x·Aᵀ [T, r], which a caller may keep for ``backward_weight_math`` (None on
-    the dense path)."""
+    the dense path). ``out`` ([T, out], may be a column slice of a wider buffer) receives y instead
+    of a new tensor. ``sparse=False`` leaves x Sᵀ out of the factored path, for a caller that adds
+    the sparse products of several parts in one call (``SupportLayout.stacked``)."""
     if path == "dense":
         W = _densify(B, A, values, layout.flat(x.device), scale)
-        return F.linear(x, W, bias), None
+        if out is None:
+            return F.linear(x, W, bias), None
+        _mm(x, W.t(), out)
+        return (out if bias is None else out.add_(bias)), None
     xa = x @ A.t()
-    y = torch.mm(xa, B.t()).mul_(scale)
-    if layout.nnz:
-        _spmm_accumulate(y, layout, values, x, transpose=False)
-    return (y if bias is None else y + bias), xa
+    y = _mm(xa, B.t(), out).mul_(scale)
+    if sparse and layout.nnz:
+        sparse_accumulate(y, layout, values, x, transpose=False)
+    return (y if bias is None else y.add_(bias)), xa
 
 
 def backward_input_math(path: str, dy, x, B, A, values, layout: "SupportLayout", scale: float,
-                        need_x: bool = True, need_A: bool = True):
+                        need_x: bool = True, need_A: bool = True, *, sparse: bool = True):
     """The first half of ``backward_math``: (dx, carry). dx (None unless ``need_x``) is ready to be
     reduced over tensor-parallel ranks while ``backward_weight_math`` computes the weight gradients
-    from ``carry`` (the factored path's dz = s·dY B, computed once for dx and dA)."""
-    dy = dy.contiguous()
+    from ``carry`` (the factored path's dz = s·dY B, computed once for dx and dA). dy may be a
+    column slice of a wider gradient; ``sparse=False`` as in ``forward_math`` (dY S left out)."""
     if path == "dense":
         return (dy @ _densify(B, A, values, layout.flat(x.device), scale) if need_x else None), None
     dz = torch.mm(dy, B).mul_(scale) if (need_x or need_A) else None
     dx = None
     if need_x:
         dx = dz @ A
-        if layout.nnz:
-            _spmm_accumulate(dx, layout, values, dy, transpose=True)
+        if sparse and layout.nnz:
+            sparse_accumulate(dx, layout, values, dy.contiguous(), transpose=True)
     return dx, dz
 
 
@@ -100,7 +117,6 @@ def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout"
     (recomputed when None)."""
     need_B, need_A, need_v = needs
     s = scale
-    dy = dy.contiguous()
     dB = dA = dv = None
     if path == "dense":
         if need_B or need_A or need_v:
@@ -119,7 +135,7 @@ def backward_weight_math(path: str, dy, x, B, A, values, layout: "SupportLayout"
         dz = carry if carry is not None else torch.mm(dy, B).mul_(s)
         dA = dz.t() @ x
     if need_v:
-        dv = _sddmm(dy, x, layout).to(values.dtype) if layout.nnz else torch.zeros_like(values)
+        dv = sparse_values_grad(dy.contiguous(), x, layout).to(values.dtype) if layout.nnz else torch.zeros_like(values)
     return dB, dA, dv
 
 

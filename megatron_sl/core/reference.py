@@ -83,6 +83,23 @@ class SupportLayout:
         tcrow[1:] = torch.bincount(cols, minlength=n).cumsum(0)
         return _csr(tcrow, rows[perm], values[perm], (n, m))
 
+    @staticmethod
+    def stacked(parts, rows: int, device) -> "SupportLayout":
+        """The supports of parts that read the same input, stacked row-wise into one [rows, in]
+        support: ``parts`` is [(layout [out_i, in], row offset)], in increasing offsets without
+        overlap. One sparse product then covers them all: one pass over the shared operand instead
+        of one per part. Each part's entries shift by offset x in, so the stacked index is canonical
+        (sorted) again. A transient."""
+        n = parts[0][0].shape[1]
+        end = 0
+        for lay, off in parts:
+            if lay.shape[1] != n or off < end or off + lay.shape[0] > rows:
+                raise ValueError(f"stacked supports: part {lay.shape} at row {off} does not fit [{rows}, {n}] "
+                                 f"after row {end}")
+            end = off + lay.shape[0]
+        dtype = torch.int32 if rows * n < 2**31 else torch.int64
+        return SupportLayout(torch.cat([lay.flat(device).to(dtype) + off * n for lay, off in parts]), rows, n)
+
     def index_bytes(self) -> dict:
         """Resident index bytes: the canonical index; nothing derived is kept between calls."""
         return {"canonical": self.idx.numel() * self.idx.element_size(), "derived": 0}

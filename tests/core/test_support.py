@@ -131,3 +131,29 @@ def test_uniform_inclusion_across_tiles(small_tiles):
     freq, expected = counts / draws, k / numel
     sd = (expected * (1 - expected) / draws) ** 0.5
     assert torch.all((freq - expected).abs() < 5 * sd), (freq.min(), freq.max(), expected)
+
+
+def test_stacked_supports_form_the_block_matrix():
+    """SupportLayout.stacked: the parts' supports at their row offsets of one [rows, in] matrix
+    (gaps and an empty part included), canonical again, and the same values land where each part
+    had them; overlapping or misfitting parts are refused."""
+    from megatron_sl.core.reference import SupportLayout, densify_reference
+
+    n = 11
+    parts = [(SupportLayout(sup.global_support(m, n, 0.3, 5, f"p{m}"), m, n), off)
+             for m, off in ((7, 0), (5, 9), (3, 14))]
+    parts.append((SupportLayout(torch.empty(0, dtype=torch.int32), 4, n), 17))  # a part without support
+    st = SupportLayout.stacked(parts, 23, "cpu")
+    assert st.shape == (23, n) and st.idx.dtype == torch.int32
+    assert torch.all(st.idx[1:] > st.idx[:-1]), "canonical: sorted and distinct"
+    vals = [torch.randn(lay.nnz, dtype=torch.float64) for lay, _ in parts]
+    zeros = lambda r: (torch.zeros(r, 1, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64))  # noqa: E731
+    W = densify_reference(*zeros(23), torch.cat(vals), st.idx.long(), 1.0)
+    expect = torch.zeros(23, n, dtype=torch.float64)
+    for (lay, off), v in zip(parts, vals):
+        expect[off:off + lay.shape[0]] = densify_reference(*zeros(lay.shape[0]), v, lay.idx.long(), 1.0)
+    assert torch.equal(W, expect)
+    with pytest.raises(ValueError, match="does not fit"):
+        SupportLayout.stacked([parts[0], (parts[1][0], 5)], 23, "cpu")  # overlaps part 0's rows
+    with pytest.raises(ValueError, match="does not fit"):
+        SupportLayout.stacked(parts, 20, "cpu")  # the last part ends past the matrix
