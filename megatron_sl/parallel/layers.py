@@ -48,7 +48,9 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 from megatron_sl.core.config import SLConfig
-from megatron_sl.core.functional import backward_input_math, backward_weight_math, choose, forward_math, sl_linear
+from megatron_sl.core.functional import (backward_input_math, backward_weight_math, choose, forward_math,
+                                         sl_linear, sparse_accumulate, sparse_values_grad)
+from megatron_sl.core.reference import SupportLayout
 
 from .grad_sync import mark_partial_tp_grad
 from .layout import glu_layout, local_rows, qkv_layout, single_layout
@@ -94,15 +96,22 @@ def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+_COLUMN_ARGS = 10  # arguments of ``_ColumnSL.forward`` before the parameters (B, A, values per part)
+
+
 class _ColumnSL(torch.autograd.Function):
     """All SL parts of one column-parallel layer in one Function, as megatron-core's
     ColumnParallelLinear (``LinearWithGradAccumulationAndAsyncCommunication``) runs.
 
     Forward takes the input as the layer gets it ([s, b, in]; under sequence parallel the shard
-    [s/tp, b, in], all-gathered here) and writes each part's outputs straight to their columns of
-    megatron's local layout (``positions``): no concatenation or permutation of the output. The
-    input is saved as given (under sequence parallel backward all-gathers it again), and each
-    factored part's x·Aᵀ under ``SLConfig.save_xa``.
+    [s/tp, b, in], all-gathered here). The parts' outputs are computed part-major (part i in
+    columns [off_i, off_i + out_i)), each low-rank product written straight into its columns, and
+    put into megatron's local layout by one column gather (``perm``; None when part-major is the
+    layout). The factored parts read the same input, so their sparse products run as one call over
+    their stacked supports (``SupportLayout.stacked``): one pass over the input instead of one per
+    part, in forward and in both backward products. The input is saved as given (under sequence
+    parallel backward all-gathers it again), and each factored part's x·Aᵀ under
+    ``SLConfig.save_xa``.
 
     Backward computes the input gradient of every part first, starts its all-reduce over TP (its
     reduce-scatter along the sequence under sequence parallel) asynchronously, computes the weight
@@ -111,43 +120,56 @@ class _ColumnSL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_in, group, sequence_parallel, parts, scale, path, save_xa, out_features, *params):
+    def forward(ctx, x_in, group, sequence_parallel, layouts, perm, inv_perm, scale, path, save_xa, out_features,
+                *params):
         x_full = _all_gather_seq(x_in, group) if sequence_parallel else x_in
         lead = x_full.shape[:-1]
         x2 = x_full.reshape(-1, x_full.shape[-1])
-        y = x2.new_empty((x2.shape[0], out_features))
-        paths, xas = [], []
-        for i, (layout, positions) in enumerate(parts):
+        y = x2.new_empty((x2.shape[0], out_features))  # part-major
+        paths, xas, offsets, off = [], [], [], 0
+        for i, layout in enumerate(layouts):
             B, A, values = params[3 * i:3 * i + 3]
             pth = choose(path, x2.shape[0], layout, A.shape[0], x2.device.type)
             paths.append(pth)
-            yi, xa = forward_math(pth, x2, B, A, values, layout, scale)
-            y.index_copy_(1, positions, yi)
+            offsets.append(off)
+            _, xa = forward_math(pth, x2, B, A, values, layout, scale, out=y[:, off:off + layout.shape[0]],
+                                 sparse=False)
+            off += layout.shape[0]
             xas.append(xa if save_xa and xa is not None else x2.new_empty(0))  # empty: recomputed
+        stacked = _stacked_sparse(layouts, paths, offsets, params, out_features, x2.device)
+        if stacked is not None:
+            sparse_accumulate(y, stacked[0], stacked[1], x2, transpose=False)
         ctx.save_for_backward(x_in, *params, *xas)
         ctx.n_params = len(params)
-        ctx.group, ctx.sequence_parallel, ctx.parts, ctx.scale, ctx.paths = group, sequence_parallel, parts, scale, paths
+        ctx.group, ctx.sequence_parallel, ctx.layouts, ctx.scale = group, sequence_parallel, layouts, scale
+        ctx.paths, ctx.offsets, ctx.inv_perm, ctx.out_features = paths, offsets, inv_perm, out_features
+        if perm is not None:
+            y = y.index_select(1, perm)
         return y.reshape(*lead, out_features)
 
     @staticmethod
     def backward(ctx, dy):
         x_in, *saved = ctx.saved_tensors
         params, xas = saved[:ctx.n_params], saved[ctx.n_params:]
-        group = ctx.group
+        group, first = ctx.group, _COLUMN_ARGS
         x_full = _all_gather_seq(x_in, group) if ctx.sequence_parallel else x_in
         lead = x_full.shape[:-1]
         x2 = x_full.reshape(-1, x_full.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy2.contiguous() if ctx.inv_perm is None else dy2.index_select(1, ctx.inv_perm)  # part-major
         need_x = ctx.needs_input_grad[0]
+        stacked = _stacked_sparse(ctx.layouts, ctx.paths, ctx.offsets, params, ctx.out_features, x2.device)
         dys, carries, dx = [], [], None
-        for i, ((layout, positions), pth) in enumerate(zip(ctx.parts, ctx.paths)):
+        for i, (layout, pth, off) in enumerate(zip(ctx.layouts, ctx.paths, ctx.offsets)):
             B, A, values = params[3 * i:3 * i + 3]
-            dys.append(dy2.index_select(1, positions))
+            dys.append(dy2[:, off:off + layout.shape[0]])
             dxi, carry = backward_input_math(pth, dys[i], x2, B, A, values, layout, ctx.scale, need_x,
-                                             ctx.needs_input_grad[9 + 3 * i])
+                                             ctx.needs_input_grad[first + 1 + 3 * i], sparse=stacked is None)
             carries.append(carry)
             if dxi is not None:
                 dx = dxi if dx is None else dx.add_(dxi)
+        if need_x and stacked is not None:
+            sparse_accumulate(dx, stacked[0], stacked[1], dy2, transpose=True)
         handle = dx_sent = None
         if dx is not None:
             dx = dx.reshape(*lead, dx.shape[-1])
@@ -158,15 +180,41 @@ class _ColumnSL(torch.autograd.Function):
             elif group is not None:
                 handle = dist.all_reduce(dx, group=group, async_op=True)
         grads = []
-        for i, ((layout, _), pth) in enumerate(zip(ctx.parts, ctx.paths)):
+        for i, (layout, pth) in enumerate(zip(ctx.layouts, ctx.paths)):
             B, A, values = params[3 * i:3 * i + 3]
-            grads += backward_weight_math(pth, dys[i], x2, B, A, values, layout, ctx.scale,
-                                          ctx.needs_input_grad[8 + 3 * i:11 + 3 * i], carries[i],
+            needs = list(ctx.needs_input_grad[first + 3 * i:first + 3 + 3 * i])
+            needs[2] = needs[2] and not (stacked is not None and i in stacked[2])  # from the stacked SDDMM
+            grads += backward_weight_math(pth, dys[i], x2, B, A, values, layout, ctx.scale, needs, carries[i],
                                           xas[i] if xas[i].numel() else None)
+        if stacked is not None:
+            _stacked_values_grads(grads, stacked, dy2, x2, ctx, params)
         if handle is not None:
             handle.wait()
         del dx_sent
-        return (dx, None, None, None, None, None, None, None, *grads)
+        return (dx, *([None] * (first - 1)), *grads)
+
+
+def _stacked_sparse(layouts, paths, offsets, params, out_features, device):
+    """(stacked support, stacked values, part indices) of the factored parts with a support, at
+    their rows of the part-major output, or None when no part has one."""
+    which = [i for i, (lay, pth) in enumerate(zip(layouts, paths)) if pth == "factored" and lay.nnz]
+    if not which:
+        return None
+    stacked = SupportLayout.stacked([(layouts[i], offsets[i]) for i in which], out_features, device)
+    values = torch.cat([params[3 * i + 2] for i in which]) if len(which) > 1 else params[3 * which[0] + 2]
+    return stacked, values, which
+
+
+def _stacked_values_grads(grads, stacked, dy2, x2, ctx, params) -> None:
+    """Fill the factored parts' values gradients (``grads`` holds (dB, dA, dvalues) per part) from
+    one SDDMM over the stacked support."""
+    _, _, which = stacked
+    if not any(ctx.needs_input_grad[_COLUMN_ARGS + 2 + 3 * i] for i in which):
+        return
+    g = sparse_values_grad(dy2, x2, stacked[0])
+    for i, gi in zip(which, torch.split(g, [ctx.layouts[i].nnz for i in which])):
+        if ctx.needs_input_grad[_COLUMN_ARGS + 2 + 3 * i]:
+            grads[3 * i + 2] = gi.to(params[3 * i + 2].dtype, copy=True)  # not a view shared with the others
 
 
 class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
@@ -197,12 +245,12 @@ class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
         local = local_rows(self.fused, self.tp_size, self.tp_rank, stride)
         self.global_rows = local.global_rows
         dtype, device = config.params_dtype, _param_device(config)
+        # parts are computed part-major (their blocks concatenated); ``perm`` gathers megatron's local
+        # layout from that (None: the same order), ``inv_perm`` the part-major order from it (a
+        # buffer either way: it also tells ``assign_name`` where the module lives)
         self.register_buffer("perm", None if local.perm is None else local.perm.to(device), persistent=False)
-        # where each part's outputs sit in the local layout (inverse of ``perm`` over the part blocks)
-        cat_order = torch.arange(self.global_rows.numel()) if local.perm is None else torch.argsort(local.perm)
-        sizes = [int(r.numel()) for r in local.rows]
-        for (name, _), pos in zip(self.fused.parts, torch.split(cat_order, sizes)):
-            self.register_buffer(f"positions_{name}", pos.to(device), persistent=False)
+        inv = torch.arange(self.global_rows.numel()) if local.perm is None else torch.argsort(local.perm)
+        self.register_buffer("inv_perm", inv.to(device), persistent=False)
         self._part_rows = [(part, size, rows) for (part, size), rows in zip(self.fused.parts, local.rows)]
         self._params_dtype = dtype
         self.layer_name = None
@@ -221,7 +269,7 @@ class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
         if self.layer_name is not None:
             raise ValueError(f"{type(self).__name__} is already named {self.layer_name!r} (not renamed to {name!r})")
         self.layer_name = check_layer_name(name)
-        device = getattr(self, f"positions_{self._part_rows[0][0]}").device
+        device = self.inv_perm.device
         for part, size, rows in self._part_rows:
             self.parts[part] = SLShard(f"{name}.{part}", size, self.input_size, self.sl_config, rows=rows,
                                        dtype=self._params_dtype, device=device)
@@ -256,9 +304,10 @@ class SLColumnParallelLinear(NamedAfterBuild, nn.Module):
         group = self.tp_group if self.tp_size > 1 else None
         parts = list(self.parts.values())
         params = [t for p in parts for t in (p.B, p.A, p.values)]
-        where = [(p.layout, getattr(self, f"positions_{n}")) for n, p in self.parts.items()]
-        y = _ColumnSL.apply(input_, group, self.sequence_parallel, where, self.scale, self.sl_config.path,
-                            self.sl_config.save_xa, self.global_rows.numel(), *params)
+        inv_perm = None if self.perm is None else self.inv_perm
+        y = _ColumnSL.apply(input_, group, self.sequence_parallel, [p.layout for p in parts], self.perm, inv_perm,
+                            self.scale, self.sl_config.path, self.sl_config.save_xa, self.global_rows.numel(),
+                            *params)
         if self.bias is not None and not self.skip_bias_add:
             y = y + self.bias
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
