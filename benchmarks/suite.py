@@ -43,7 +43,7 @@ BENCHES = {
                 "each primitive and execution path vs dense (Triton kernels timed on GPU only)"),
     "train": ("bench_train.py", [], ["--rounds", "3", "--presets", "tiny"],
               "whole training steps (1 rank, ZeRO-1): SL vs low-rank vs dense tokens/s; peak memory"),
-    "train-tp2": ("bench_train.py", ["--tp2", "--no-throughput", "--no-memory", "--tp2-rounds", "2"],
+    "train-tp2": ("bench_train.py", ["--tp2", "--no-throughput", "--no-memory", "--tp2-rounds", "4"],
                   ["--tp2", "--no-throughput", "--no-memory", "--tp2-steps", "4"],
                   "TP=2 on 2 gloo ranks, GA=4: step time and bytes all-reduced, SL before/after vs dense"),
     "memory": ("bench_memory.py", [], [], "the memory planner's prediction vs measured peaks of real runs"),
